@@ -1,0 +1,85 @@
+"""`video-r2`: the utility commands, routed before LightningCLI is built, else LightningCLI.
+
+    video-r2 fit --config configs/sft.yaml        # LightningCLI: fit | validate | test | predict
+    video-r2 merge-lora --help                    # plain functions, one per command
+    video-r2 make-demo --out demo
+    video-r2 check-data --data-path ... --video-folder ...
+    video-r2 plot runs/demo-sft
+
+Each utility command is one typed function; jsonargparse turns its signature and docstring into flags
+and `--help`. Modules are imported only when their command runs, so `video-r2 --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function, one line for `video-r2 --help`)
+UTILITY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "merge-lora": ("video_r2.merge_lora", "merge_lora", "fold a LoRA adapter into its base model (HF checkpoint out)"),
+    "make-demo": ("video_r2.synthetic", "make_demo", "write the tiny Qwen2.5-VL checkpoint and the synthetic dataset"),
+    "check-data": ("video_r2.data", "check_data", "validate a dataset (records, videos, subtitles, token lengths)"),
+    "plot": ("video_r2.plot", "plot_run", "draw loss, rewards, KL and lengths of a run from its TensorBoard logs"),
+    "evaluate": ("video_r2.evaluate", "evaluate", "held-out accuracy, format and TAR of a checkpoint on a dataset"),
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+_USAGE = """usage: video-r2 <command> [options]
+
+Training (LightningCLI; the YAML's model.class_path picks the stage):
+  fit          train: video-r2 fit --config configs/sft.yaml | configs/grpo.yaml
+  validate     run the validation loop of a config on its val data
+
+Utilities:
+{utilities}
+
+Run `video-r2 <command> --help` for a command's options.
+"""
+
+
+def _usage() -> str:
+    lines = "\n".join(f"  {name:<12} {text}" for name, (_, _, text) in UTILITY_COMMANDS.items())
+    return _USAGE.format(utilities=lines)
+
+
+def run_lightning_cli(args: list[str]) -> None:
+    """Build LightningCLI over our modules; `args` starts with the subcommand (fit, validate, ...)."""
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from video_r2.data import VideoDataModule
+
+    LightningCLI(
+        LightningModule,
+        VideoDataModule,
+        subclass_mode_model=True,  # model.class_path: video_r2.sft.SFTModule | video_r2.grpo.GRPOModule
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=False,  # each module builds its own parameter groups and schedule
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    command, rest = argv[0], argv[1:]
+    if command in UTILITY_COMMANDS:
+        from jsonargparse import auto_cli
+
+        module_name, function_name, _ = UTILITY_COMMANDS[command]
+        function = getattr(importlib.import_module(module_name), function_name)
+        auto_cli(function, args=rest, as_positional=True)
+        return
+    if command in LIGHTNING_COMMANDS:
+        run_lightning_cli(argv)
+        return
+    print(f"video-r2: unknown command {command!r}\n", file=sys.stderr)
+    print(_usage(), file=sys.stderr)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
