@@ -24,6 +24,14 @@ UTILITY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "evaluate": ("video_r2.evaluate", "evaluate", "held-out accuracy, format and TAR of a checkpoint on a dataset"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+POSITIONAL_COMMANDS = {"plot"}  # `video-r2 plot RUN_DIR`; the others take only --flags
+
+
+def _underscore_flag(arg: str) -> str:
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
 
 _USAGE = """usage: video-r2 <command> [options]
 
@@ -71,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
 
         module_name, function_name, _ = UTILITY_COMMANDS[command]
         function = getattr(importlib.import_module(module_name), function_name)
-        auto_cli(function, args=rest, as_positional=True)
+        # Flags may be written --data-path or --data_path; jsonargparse knows the underscore form.
+        rest = [_underscore_flag(a) for a in rest]
+        auto_cli(function, args=rest, as_positional=command in POSITIONAL_COMMANDS)
         return
     if command in LIGHTNING_COMMANDS:
         run_lightning_cli(argv)

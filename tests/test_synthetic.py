@@ -1,0 +1,134 @@
+"""The foundation: package, CLI, the tiny checkpoint and the synthetic dataset's labels."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from video_r2.synthetic import EVENTS, make_demo
+
+
+def test_package_imports_and_cli_lists_commands():
+    import video_r2
+
+    assert video_r2.__version__
+    out = subprocess.run([sys.executable, "-m", "video_r2.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("fit", "merge-lora", "make-demo", "check-data"):
+        assert command in out.stdout
+
+
+def test_unknown_command_exits_2():
+    out = subprocess.run([sys.executable, "-m", "video_r2.cli", "frobnicate"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def _video_inputs(demo: Path):
+    from torchcodec.decoders import VideoDecoder
+    from transformers import AutoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    processor = AutoProcessor.from_pretrained(demo / "model")
+    times = [0.25 + 0.5 * i for i in range(8)]
+    frames = VideoDecoder(str(demo / "data/videos/sft_0000.mp4")).get_frames_played_at(seconds=times).data
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What fills the screen?"}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    meta = VideoMetadata(total_num_frames=64, fps=8.0, frames_indices=[int(t * 8) for t in times], duration=8.0)
+    return processor(
+        text=[text], videos=[frames], return_tensors="pt",
+        videos_kwargs={"video_metadata": [meta], "do_sample_frames": False, "do_resize": False},
+    )
+
+
+def test_checkpoint_round_trips_with_video_input(tiny_demo, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_demo / "model").eval()
+    inputs = _video_inputs(tiny_demo)
+    assert inputs["pixel_values_videos"].shape[0] > 0
+    with torch.no_grad():
+        before = model(**inputs).logits
+    model.save_pretrained(tmp_path / "again")
+    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        after = reloaded(**inputs).logits
+    assert torch.equal(before, after)
+    assert (tmp_path / "again" / "model.safetensors").exists()
+
+
+def test_tokenizer_has_qwen_special_tokens_and_splits_digits(tiny_demo):
+    from transformers import AutoProcessor
+
+    tokenizer = AutoProcessor.from_pretrained(tiny_demo / "model").tokenizer
+    for token in ("<|im_start|>", "<|im_end|>", "<|video_pad|>", "<|vision_start|>", "<|endoftext|>"):
+        assert tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id
+        assert len(tokenizer.encode(token, add_special_tokens=False)) == 1
+    assert [t for t in tokenizer.tokenize("00:12") if t.isdigit()] == ["0", "0", "1", "2"]
+
+
+def _records(demo: Path) -> list[dict]:
+    return [r for split in ("sft", "grpo", "eval")
+            for r in json.loads((demo / f"data/video-r2-{split}-dataset.json").read_text())]
+
+
+def test_videos_decode_and_labels_are_true(tiny_demo):
+    """Every video lasts its stated duration and shows the stated shape at each grounded time."""
+    from torchcodec.decoders import VideoDecoder
+
+    from video_r2.rewards import parse_timestamp_key
+
+    records = _records(tiny_demo)
+    assert {r["question_type"] for r in records} <= {"multiple choice", "numerical"}
+    for record in records:
+        decoder = VideoDecoder(str(tiny_demo / "data/videos" / record["video"]))
+        assert decoder.metadata.duration_seconds == pytest.approx(8.0, abs=0.2)
+        for key, claim in record["temporal_grounding"].items():
+            start, end = parse_timestamp_key(key)
+            colour = claim.split()[1]
+            rgb = torch.tensor(next(e[2] for e in EVENTS if e[0] == colour), dtype=torch.float)
+            for t in (start + 0.1, (start + end) / 2, end - 0.2):
+                frame = decoder.get_frame_played_at(seconds=t).data
+                centre = frame[:, 24:32, 24:32].float().mean(dim=(1, 2))
+                assert torch.dist(centre, rgb) < 40, (record["video"], key, t, centre)
+
+
+def test_answers_depend_on_time(tiny_demo):
+    for record in _records(tiny_demo):
+        think = record["conversations"][1]["value"]
+        assert think.startswith("<think>") and think.endswith("</answer>")
+        assert "<video>" in record["conversations"][0]["value"]
+        # The SFT reasoning cites a timestamp inside one of the grounded spans.
+        assert any(ch.isdigit() for ch in think.split("</think>")[0])
+    subtitles = list((tiny_demo / "data/subtitles").glob("*.srt"))
+    assert subtitles and all((tiny_demo / "data/videos" / f"{s.stem}.mp4").exists() for s in subtitles)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_make_demo_is_deterministic(tmp_path):
+    sizes = dict(num_sft_videos=2, num_grpo_videos=1, num_eval_videos=1, seed=3, text_hidden=64)
+    a, b = make_demo(tmp_path / "a", **sizes), make_demo(tmp_path / "b", **sizes)
+    for split in ("sft", "grpo", "eval"):
+        name = f"data/video-r2-{split}-dataset.json"
+        assert (a / name).read_text() == (b / name).read_text()
+    assert _digest(a / "model/model.safetensors") == _digest(b / "model/model.safetensors")
+    assert (a / "model/tokenizer.json").read_text() == (b / "model/tokenizer.json").read_text()
+    c = make_demo(tmp_path / "c", **{**sizes, "seed": 4})
+    assert _digest(a / "model/model.safetensors") != _digest(c / "model/model.safetensors")
+
+
+def test_make_demo_refuses_non_empty_output(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        make_demo(tmp_path / "x", num_sft_videos=1, num_grpo_videos=1, num_eval_videos=1)
+    assert (tmp_path / "x" / "keep.txt").exists()
