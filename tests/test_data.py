@@ -1,0 +1,388 @@
+"""video_r2.data / video_r2.schema: records -> batches, bad input, length budget, `check-data`.
+
+Real decoding of the tiny demo's videos (8 s, 56x56, 8 fps) and the tiny demo's processor and model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from video_r2 import data as D
+from video_r2.schema import DataValidationError, load_dataset, read_records
+
+HEADER = "<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_demo):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_demo / "model")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_demo):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_demo / "model").eval()
+
+
+def records(tiny_demo, stage="sft"):
+    return json.loads((tiny_demo / "data" / f"video-r2-{stage}-dataset.json").read_text())
+
+
+def dataset(tiny_demo, processor, recs, stage="sft", fps=1.0, max_frames=128, **kw):
+    sampling = D.Sampling(fps=fps, max_frames=max_frames, min_frames=kw.pop("min_frames", 4),
+                          video_min_pixels=kw.pop("video_min_pixels", D.VIDEO_MIN_PIXELS))
+    return D.VideoR2Dataset(recs, processor, tiny_demo / "data" / "videos", tiny_demo / "data" / "subtitles",
+                            stage=stage, sampling=sampling, **kw)
+
+
+def write(path: Path, recs) -> Path:
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def corrupt_video(tmp_path: Path, tiny_demo) -> Path:
+    """An mp4 cut after its first kilobytes: the header may read, the frames do not."""
+    src = (tiny_demo / "data" / "videos" / "sft_0000.mp4").read_bytes()
+    bad = tmp_path / "corrupt.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 200)
+    (tmp_path / "truncated.mp4").write_bytes(src[: len(src) // 5])
+    return bad
+
+
+# --------------------------------------------------------------------------------------------------
+# token and label masks
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sft_labels_are_exactly_the_assistant_reply(tiny_demo, processor):
+    rec = records(tiny_demo)[0]
+    item = dataset(tiny_demo, processor, [rec])[0]
+    tok = processor.tokenizer
+    ids, labels = item["input_ids"], item["labels"]
+    reference = rec["conversations"][1]["value"]
+    assert reference == "<think>At 00:02 a green square fills the screen, so the answer is B.</think><answer>B</answer>"
+    kept = (labels != D.IGNORE_INDEX).nonzero().flatten()
+    # one contiguous span, equal to the input ids there, ending in <|im_end|>, right after the header
+    assert kept.tolist() == list(range(int(kept[0]), int(kept[-1]) + 1))
+    assert torch.equal(labels[kept], ids[kept])
+    assert tok.decode(labels[kept]) == reference + "<|im_end|>"
+    header = tok.encode(HEADER, add_special_tokens=False)
+    assert ids[kept[0] - len(header): kept[0]].tolist() == header
+    assert len(kept) == len(tok.encode(reference, add_special_tokens=False)) + 1
+    assert tok.decode(ids[kept[-1] + 1:]) == "\n"  # only the template's newline follows
+    # the rest: system prompt, user turn with the video; video tokens are marked 2, all else 0
+    video_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    assert torch.equal(item["mm_token_type_ids"] == 2, ids == video_id)
+    assert int((ids == video_id).sum()) == int(item["video_grid_thw"].prod()) // 4
+    assert D.DEFAULT_SYSTEM_PROMPT in tok.decode(ids[: kept[0]])
+    assert item["attention_mask"].all()
+
+
+def test_multi_turn_labels_cover_every_reply(tiny_demo, processor):
+    rec = copy.deepcopy(records(tiny_demo)[1])
+    rec["conversations"] += [{"from": "human", "value": "Are you sure?"},
+                             {"from": "gpt", "value": "<think>Yes.</think><answer>yes</answer>"}]
+    item = dataset(tiny_demo, processor, [rec], system_prompt="Be brief.")[0]
+    labels, tok = item["labels"], processor.tokenizer
+    kept = (labels != D.IGNORE_INDEX).nonzero().flatten().tolist()
+    spans, start = [], kept[0]
+    for a, b in zip(kept, kept[1:] + [None]):
+        if b != a + 1:
+            spans.append(tok.decode(labels[start:a + 1]))
+            start = b
+    assert spans == [rec["conversations"][1]["value"] + "<|im_end|>", rec["conversations"][3]["value"] + "<|im_end|>"]
+    assert "Are you sure?" in tok.decode(item["input_ids"]) and "Be brief." in tok.decode(item["input_ids"])
+
+
+# --------------------------------------------------------------------------------------------------
+# timing passed to the processor
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fps,max_frames,frames", [(2.0, 32, 16), (2.0, 8, 8), (1.0, 128, 8)])
+def test_second_per_grid_ts_is_temporal_patch_over_sampled_fps(tiny_demo, processor, fps, max_frames, frames):
+    ds = dataset(tiny_demo, processor, records(tiny_demo, "grpo")[:1], "grpo", fps=fps, max_frames=max_frames)
+    item = ds[0]
+    times = item["sample"]["frame_times"][0]
+    assert len(times) == frames
+    sampled_fps = frames / 8.0  # frames spread evenly over the 8 s video
+    spacing = torch.tensor(times).diff()
+    assert torch.allclose(spacing, torch.full_like(spacing, 1 / sampled_fps))
+    tps = processor.video_processor.temporal_patch_size
+    assert item["second_per_grid_ts"].tolist() == pytest.approx([tps / sampled_fps])
+    assert item["video_grid_thw"].tolist() == [[frames // tps, 4, 4]]
+    # the metadata handed to the processor gives the same rate (and the real frame indices)
+    media = ds._media(0, ds.records[0])
+    D.plan_media(media, ds.sampling)
+    _, pts, meta = ds._frames(0, media[0])
+    assert meta.sampled_fps == pytest.approx(sampled_fps) and pts == times
+    assert meta.frames_indices == [round(t * 8) for t in times]
+
+
+# --------------------------------------------------------------------------------------------------
+# the DataModule, a forward pass of the tiny model
+# --------------------------------------------------------------------------------------------------
+
+MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
+              "second_per_grid_ts")
+
+
+def datamodule(tiny_demo, processor, stage, **kw):
+    data = tiny_demo / "data"
+    dm = D.VideoDataModule(str(kw.pop("data_path", data / f"video-r2-{stage}-dataset.json")), str(data / "videos"),
+                           str(tiny_demo / "model"), stage=stage, subtitles_folder=str(data / "subtitles"),
+                           fps=2.0 if stage == "grpo" else 1.0, max_frames=32 if stage == "grpo" else 128,
+                           **{"batch_size": 2, **kw})
+    dm.processor = processor  # the shared one: loading it takes seconds
+    return dm
+
+
+def test_sft_batch_forward(tiny_demo, processor, model):
+    dm = datamodule(tiny_demo, processor, "sft", val_fraction=0.25)
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 6 and len(dm.val_dataset) == 2
+    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert "num_skipped" not in batch and dm.skipped == 0
+    lengths = batch["attention_mask"].sum(1)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["mm_token_type_ids"].shape
+    short = int(lengths.argmin())
+    if lengths[0] != lengths[1]:  # right padding: pad id, labels -100, type 0
+        assert batch["attention_mask"][short, -1] == 0 and batch["labels"][short, -1] == D.IGNORE_INDEX
+        assert batch["input_ids"][short, -1] == processor.tokenizer.pad_token_id
+    assert batch["video_grid_thw"].shape == (2, 3) and batch["second_per_grid_ts"].shape == (2,)
+    assert batch["pixel_values_videos"].shape[0] == int(batch["video_grid_thw"].prod(1).sum())
+    with torch.no_grad():
+        out = model(**{k: batch[k] for k in MODEL_KEYS}, labels=batch["labels"])
+    assert torch.isfinite(out.loss)
+    assert len(batch["ids"]) == 2
+
+
+def test_grpo_batch_left_padded_forward(tiny_demo, processor, model):
+    dm = datamodule(tiny_demo, processor, "grpo", val_data_path=str(tiny_demo / "data" / "video-r2-eval-dataset.json"))
+    dm.setup("fit")
+    ds = dm.train_dataset
+    items = [ds[0], ds[2]]
+    batch = dm.collator()(items)
+    assert batch["attention_mask"][:, -1].all()  # left padding: every prompt ends at the last column
+    samples = batch["samples"]
+    rec = records(tiny_demo, "grpo")[0]
+    assert samples[0]["answer"] == rec["conversations"][1]["value"].split("<answer>")[1].split("</answer>")[0]
+    assert samples[0]["question"] == rec["conversations"][0]["value"].removeprefix("<video>\n")
+    assert samples[0]["temporal_grounding"] == rec["temporal_grounding"]
+    assert samples[0]["question_type"] == rec["question_type"] and samples[0]["id"] == rec["id"]
+    assert samples[0]["prompt_text"].endswith(HEADER) and "labels" not in batch
+    with torch.no_grad():
+        out = model(**{k: batch[k] for k in MODEL_KEYS})
+        alone = model(**{k: items[1][k].unsqueeze(0) if items[1][k].dim() == 1 else items[1][k] for k in MODEL_KEYS})
+    assert torch.isfinite(out.logits).all()
+    # left padding changes nothing for the prompt: same next-token logits as the prompt alone
+    assert torch.allclose(out.logits[1, -1], alone.logits[0, -1], atol=1e-4)
+    assert len(dm.val_dataset) == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: at setup, every problem together
+# --------------------------------------------------------------------------------------------------
+
+
+def test_setup_reports_every_bad_record(tiny_demo, processor, tmp_path):
+    recs = records(tiny_demo, "grpo")
+    bad = copy.deepcopy(recs)
+    del bad[0]["conversations"]  # missing field
+    bad[1]["conversations"][0]["value"] += "\n<video>"  # 2 tags, 1 video
+    bad[2]["temporal_grounding"]["soon-later"] = "Something."  # unparseable key
+    del bad[3]["temporal_grounding"]  # GRPO needs it
+    path = write(tmp_path / "bad.json", bad + [recs[0]])
+    dm = datamodule(tiny_demo, processor, "grpo", data_path=path)
+    with pytest.raises(DataValidationError) as err:
+        dm.setup("fit")
+    found = {(p.index, p.field) for p in err.value.problems}
+    assert found == {(0, "conversations"), (1, "conversations"), (2, "temporal_grounding"), (3, "temporal_grounding")}
+    text = str(err.value)
+    assert "record 0 [conversations]: missing" in text and "2 <video> tag(s) but 1 video(s)" in text
+    assert "'soon-later'" in text and str(path) in text
+    assert dm.train_dataset is None  # nothing built
+
+
+def test_jsonl_and_image_records(tiny_demo, processor, tmp_path):
+    from PIL import Image
+
+    recs = records(tiny_demo)[:2]
+    Image.new("RGB", (84, 56), (200, 30, 30)).save(tmp_path / "red.png")
+    image_rec = {"id": "img", "image": str(tmp_path / "red.png"), "extra": [1, 2],
+                 "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                   {"from": "gpt", "value": "<think>Red.</think><answer>red</answer>"}]}
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [*recs, image_rec]) + "\n\n")
+    loaded, problems = load_dataset(path)
+    assert problems == [] and loaded == [*recs, image_rec]
+    item = dataset(tiny_demo, processor, loaded)[2]
+    assert item["image_grid_thw"].tolist() == [[1, 4, 6]] and item["pixel_values"].shape[0] == 24
+    assert "pixel_values_videos" not in item
+    assert processor.tokenizer.decode(item["labels"][item["labels"] != -100]) == "<think>Red.</think><answer>red</answer><|im_end|>"
+    batch = D.Collator(0)([dataset(tiny_demo, processor, loaded)[0], item])
+    assert batch["pixel_values"].shape[0] == 24 and batch["video_grid_thw"].shape == (1, 3)
+    path.write_text(json.dumps(recs[0]) + "\n{not json\n" + json.dumps(recs[1]) + "\n")
+    loaded, problems = read_records(path)
+    assert len(loaded) == 3 and loaded[1] is None and problems[0].index == 1 and "line 2" in problems[0].message
+
+
+def test_subtitles_found_by_stem(tiny_demo, processor, monkeypatch):
+    seen = []
+    real = D.V.overlay_frames
+    monkeypatch.setattr(D.V, "overlay_frames", lambda f, t, cues, *a: seen.append(cues) or real(f, t, cues, *a))
+    ds = dataset(tiny_demo, processor, records(tiny_demo)[:2])
+    ds[0], ds[1]  # sft_0000 has an .srt, sft_0001 does not
+    assert seen[0][0].text == "Now a yellow star." and seen[1] is None
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input at load time: on_bad_sample
+# --------------------------------------------------------------------------------------------------
+
+
+def test_missing_video_raise_names_the_path(tiny_demo, processor):
+    rec = copy.deepcopy(records(tiny_demo)[0])
+    rec["video"] = "nowhere.mp4"
+    with pytest.raises(D.BadSample, match="nowhere.mp4"):
+        dataset(tiny_demo, processor, [rec], on_bad_sample="raise")[0]
+
+
+@pytest.mark.parametrize("name", ["nowhere.mp4", "corrupt.mp4", "truncated.mp4"])
+def test_bad_video_skip_draws_another(tiny_demo, processor, tmp_path, name, caplog):
+    corrupt_video(tmp_path, tiny_demo)
+    recs = records(tiny_demo)[:3]
+    recs[1]["video"] = str(tmp_path / name)
+    ds = dataset(tiny_demo, processor, recs, on_bad_sample="skip", seed=3)
+    if name != "nowhere.mp4":
+        with pytest.raises(D.BadSample, match="undecodable video.*" + name):
+            dataset(tiny_demo, processor, recs, on_bad_sample="raise")[1]
+    with caplog.at_level(logging.WARNING, logger="video_r2.data"):
+        item = ds[1]
+    assert item["id"] in {"sft_0000", "sft_0002"} and item["num_skipped"] >= 1
+    assert sum(ds.skipped.values()) == item["num_skipped"] and name in caplog.text
+
+
+def test_worker_survives_a_bad_sample(tiny_demo, processor, tmp_path):
+    recs = records(tiny_demo)[:4]
+    recs[2]["video"] = "missing.mp4"
+    dm = datamodule(tiny_demo, processor, "sft", data_path=write(tmp_path / "d.json", recs),
+                    num_workers=1, on_bad_sample="skip")
+    dm.setup("fit")
+    batches = [dm.on_before_batch_transfer(b, 0) for b in dm.train_dataloader()]
+    assert sum(len(b["ids"]) for b in batches) == 4 and "sft_0002" not in sum((b["ids"] for b in batches), [])
+    assert dm.skipped >= 1
+
+
+def test_short_video_still_gives_min_frames(tiny_demo, processor, tmp_path):
+    from torchcodec.encoders import VideoEncoder
+
+    VideoEncoder(torch.randint(0, 255, (8, 3, 56, 56), dtype=torch.uint8), frame_rate=8).to_file(str(tmp_path / "one.mp4"))
+    rec = copy.deepcopy(records(tiny_demo)[0])
+    rec["video"] = str(tmp_path / "one.mp4")  # 1 s at fps 1: fewer than min_frames / fps
+    item = dataset(tiny_demo, processor, [rec], min_frames=4)[0]
+    assert item["video_grid_thw"].tolist() == [[2, 4, 4]]
+
+
+# --------------------------------------------------------------------------------------------------
+# the length budget: frames, then pixels, never the vision tokens; planned before the processor runs
+# --------------------------------------------------------------------------------------------------
+
+
+class CountingProcessor:
+    def __init__(self, processor):
+        self.inner, self.calls = processor, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+def test_too_long_sample_shrinks_frames_then_pixels(tiny_demo, processor, caplog):
+    rec = records(tiny_demo, "grpo")[:1]
+    kw = dict(stage="grpo", fps=2.0, max_frames=32, video_min_pixels=28 * 28)
+    full = dataset(tiny_demo, processor, rec, **kw)[0]
+    assert full["video_grid_thw"].tolist() == [[8, 4, 4]]  # 16 frames at 56x56: 8 * 4 = 32 tokens
+    text = len(full["input_ids"]) - 32
+    counting = CountingProcessor(processor)
+
+    def load(budget, on_bad_sample="raise"):
+        ds = D.VideoR2Dataset(rec, counting, tiny_demo / "data" / "videos", stage="grpo", max_length=budget,
+                              sampling=D.Sampling(fps=2.0, max_frames=32, min_frames=4, video_min_pixels=28 * 28),
+                              on_bad_sample=on_bad_sample)
+        return ds, ds[0]
+
+    with caplog.at_level(logging.WARNING, logger="video_r2.data"):
+        _, fewer_frames = load(text + 12)  # 6 frames (3 pairs x 4 tokens)
+    assert fewer_frames["video_grid_thw"].tolist() == [[3, 4, 4]] and len(fewer_frames["input_ids"]) == text + 12
+    assert "shrunk" in caplog.text
+    _, fewer_pixels = load(text + 2)  # 4 frames (min_frames) at 28x28: 2 tokens
+    assert fewer_pixels["video_grid_thw"].tolist() == [[2, 2, 2]] and len(fewer_pixels["input_ids"]) == text + 2
+    assert counting.calls == 2  # one processor call per sample: the plan was made before
+    video_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert int((fewer_pixels["input_ids"] == video_id).sum()) == 2  # all vision tokens kept
+    with pytest.raises(D.BadSample, match="too long"):
+        load(text + 1)  # cannot fit at min frames and min pixels
+    assert counting.calls == 2
+    skipping = D.VideoR2Dataset(rec * 2, processor, tiny_demo / "data" / "videos", stage="grpo", max_length=text + 1,
+                                sampling=D.Sampling(fps=2.0, max_frames=32, min_frames=4, video_min_pixels=28 * 28),
+                                on_bad_sample="skip")
+    with pytest.raises(RuntimeError, match="bad samples in a row"):  # every sample is too long
+        skipping[0]
+    assert skipping.skipped["too long"] == D._MAX_CONSECUTIVE_SKIPS
+
+
+# --------------------------------------------------------------------------------------------------
+# video-r2 check-data
+# --------------------------------------------------------------------------------------------------
+
+
+def test_check_data_good(tiny_demo, capsys):
+    data = tiny_demo / "data"
+    rc = D.check_data(str(data / "video-r2-sft-dataset.json"), str(data / "videos"), str(data / "subtitles"),
+                      model=str(tiny_demo / "model"))
+    out = capsys.readouterr().out
+    assert rc == 0 and "OK: no problems found" in out
+    assert "records          8  valid 8  invalid 0" in out
+    assert "videos           8  found 8  missing 0  undecodable 0" in out
+    assert "4 of 8 videos have an .srt" in out and "min 8.0" in out and "longest" in out
+    assert "visual tokens    min 16" in out  # 8 frames at 56x56: 4 pairs x 4 tokens
+
+
+def test_check_data_bad(tiny_demo, tmp_path, capsys):
+    corrupt_video(tmp_path, tiny_demo)
+    recs = records(tiny_demo)[:4]
+    recs[0]["video"] = "missing.mp4"
+    recs[1]["video"] = str(tmp_path / "corrupt.mp4")
+    del recs[2]["conversations"][1]
+    path = write(tmp_path / "bad.json", recs)
+    with pytest.raises(SystemExit) as exit_:
+        D.check_data(str(path), str(tiny_demo / "data" / "videos"))
+    assert exit_.value.code == 1
+    out = capsys.readouterr().out
+    assert "found 1  missing 1  undecodable 1" in out and "3 problem(s)" in out
+    assert f"{path} record 0 [video]: missing video" in out
+    assert f"{path} record 1 [video]: undecodable" in out
+    assert f"{path} record 2 [conversations]" in out
+
+
+def test_check_data_cli_flags(tiny_demo, capsys):
+    from video_r2.cli import main
+
+    data = tiny_demo / "data"
+    main(["check-data", f"--data-path={data / 'video-r2-grpo-dataset.json'}", f"--video-folder={data / 'videos'}",
+          "--stage=grpo", "--fps=2.0", "--max-frames=32"])
+    out = capsys.readouterr().out
+    assert "min 16  median 16" in out and "OK" in out
