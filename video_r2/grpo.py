@@ -415,3 +415,493 @@ def completion_length_stats(completion_ids: Tensor, eos_token_ids: int | Iterabl
 
 
 # ---- GRPOModule below ----
+
+import copy  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from contextlib import contextmanager, nullcontext  # noqa: E402
+from functools import partial  # noqa: E402
+from typing import Any  # noqa: E402
+
+from lightning.pytorch import LightningModule  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
+
+from video_r2 import model as vm  # noqa: E402
+from video_r2.judge import JudgeClient  # noqa: E402
+from video_r2.model import LoraConfigArgs, ModelConfig  # noqa: E402
+from video_r2.rewards import RewardContext, compute_rewards, get_reward  # noqa: E402
+from video_r2.training import as_dataclass as _as_dataclass  # noqa: E402
+from video_r2.training import export_final, plain_hparams, save_trainable_checkpoint, warmup_cosine  # noqa: E402
+
+# Tokens that may only come from the processor; one sampled into a completion breaks the next forward
+# ("video features and video tokens do not match"), so generation never emits them.
+VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# modality -> (pixel key, grid key, token type in mm_token_type_ids)
+VISUALS = {"image": ("pixel_values", "image_grid_thw", 1), "video": ("pixel_values_videos", "video_grid_thw", 2)}
+
+
+class NonFiniteStepError(RuntimeError):
+    """Raised after `max_bad_steps` consecutive updates whose loss or gradients were not finite."""
+
+
+# ---- vision features: encoded once per prompt, shared by the G completions -------------------------
+
+
+def visuals_per_row(mm_token_type_ids: Tensor, token_type: int) -> list[int]:
+    """How many images (1) or videos (2) each row holds: runs of that token type. ``[B, P] -> B ints``."""
+    is_type = mm_token_type_ids == token_type  # [B, P]
+    starts = is_type & ~torch.nn.functional.pad(is_type, (1, 0))[:, :-1]  # [B, P]: first token of each run
+    return starts.sum(dim=1).tolist()
+
+
+@dataclass
+class PromptVisuals:
+    """Per-prompt vision features and the grid inputs the 3-D rope needs, to be spread over N rows."""
+
+    features: dict[str, list[list[Tensor]]]  # modality -> per prompt -> its visuals' [tokens, hidden] features
+    grids: dict[str, list[Tensor]]  # modality -> per prompt -> [its visuals, 3]
+    seconds: list[Tensor]  # per prompt -> [its videos] second_per_grid_ts
+
+    def for_rows(self, rows: range, G: int) -> dict[str, Any]:
+        """Model kwargs for completion rows `rows` (row i belongs to prompt i // G)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        prompts = [i // G for i in rows]
+        kwargs: dict[str, Any] = {"mm_encoder_outputs": {}}
+        for modality, per_prompt in self.features.items():
+            pixel_key, grid_key, _ = VISUALS[modality]
+            pooled = tuple(f for p in prompts for f in per_prompt[p])
+            if not pooled:
+                continue
+            kwargs["mm_encoder_outputs"][modality] = BaseModelOutputWithPooling(pooler_output=pooled)
+            kwargs[grid_key] = torch.cat([self.grids[modality][p] for p in prompts])  # [visuals, 3]
+            if modality == "video":
+                kwargs["second_per_grid_ts"] = torch.cat([self.seconds[p] for p in prompts])  # [videos]
+        return kwargs
+
+
+def encode_visuals(model: torch.nn.Module, prompt: Mapping[str, Tensor]) -> PromptVisuals:
+    """Run the vision tower once over the batch's prompts (``[B]`` prompts, not ``[N]`` completions)."""
+    B = prompt["input_ids"].shape[0]
+    features: dict[str, list[list[Tensor]]] = {}
+    grids: dict[str, list[Tensor]] = {}
+    seconds: list[Tensor] = [torch.zeros(0)] * B
+    for modality, (pixel_key, grid_key, token_type) in VISUALS.items():
+        if prompt.get(pixel_key) is None:
+            continue
+        grid = prompt[grid_key]  # [visuals, 3]
+        encode = model.get_video_features if modality == "video" else model.get_image_features
+        pooled = list(encode(prompt[pixel_key], grid, return_dict=True).pooler_output)  # visuals x [tok, H]
+        counts = visuals_per_row(prompt["mm_token_type_ids"], token_type)  # B ints
+        bounds = [0, *itertools_accumulate(counts)]
+        features[modality] = [pooled[bounds[b]:bounds[b + 1]] for b in range(B)]
+        grids[modality] = [grid[bounds[b]:bounds[b + 1]] for b in range(B)]
+        if modality == "video":
+            sec = prompt["second_per_grid_ts"]  # [videos]
+            seconds = [sec[bounds[b]:bounds[b + 1]] for b in range(B)]
+    return PromptVisuals(features, grids, seconds)
+
+
+def itertools_accumulate(counts: list[int]) -> list[int]:
+    total, out = 0, []
+    for c in counts:
+        total += c
+        out.append(total)
+    return out
+
+
+# ---- the module ------------------------------------------------------------------------------------
+
+
+class StepTimer:
+    """Wall time of each named phase of a step, for the `time/*` logs."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] += time.perf_counter() - start
+
+
+class GRPOModule(LightningModule):
+    """Stage 2: GRPO with accuracy, format and TAR rewards (the variant is described at the top of this file).
+
+    Batches come from ``VideoDataModule(stage="grpo")``: left-padded prompt tensors plus ``samples``, the
+    records' answers, questions and ``temporal_grounding`` the rewards read. Optimization is manual because
+    one batch of prompts becomes ``num_iterations`` x mini-batches optimizer updates of its rollout.
+
+    Args:
+        backbone: the checkpoint to start from (the SFT-merged one) and which of its parts train.
+        lora: LoRA settings; with LoRA the reference is the policy with its adapters off (no second copy).
+        num_generations: G, completions sampled per prompt (`--num_generations`).
+        max_completion_length: new tokens per completion at most (`--max_completion_length`).
+        temperature: sampling temperature; log-probs are taken at the same temperature.
+        top_p: nucleus sampling.
+        top_k: top-k sampling (None: off).
+        repetition_penalty: HF generate's repetition penalty (1.0: off).
+        mask_truncated_completions: completions without EOS add no gradient.
+        beta: KL coefficient (`--beta`); 0 skips the reference entirely.
+        epsilon_low: lower clip of the ratio, 1 - epsilon_low.
+        epsilon_high: upper clip of the ratio, 1 + epsilon_high.
+        loss_type: "grpo" | "bnpo" | "dr_grpo" aggregation (module docstring).
+        scale_rewards: "group" | "batch" | "none" advantage scaling.
+        num_iterations: mu, optimizer updates per rollout.
+        mini_batch_size: completions per update (None: all B*G of the device's rollout at once).
+        reward_funcs: reward names from `video_r2.rewards.REWARDS`.
+        reward_weights: one weight per reward (default all 1).
+        judge: TAR's judge client; None reads OPENAI_API_BASE / SERVED_MODEL / OPENAI_API_KEY.
+        buffer_seconds: TAR: both spans are widened by this much before the overlap test.
+        similarity_threshold: TAR: least MiniLM cosine for a claim to match an event.
+        lr: peak learning rate of the language model (LoRA weights included).
+        vision_lr: of the vision tower (default lr).
+        merger_lr: of the merger (default lr).
+        weight_decay: AdamW weight decay (not on norms and biases).
+        warmup_ratio: fraction of the steps warming up linearly.
+        min_lr_ratio: the cosine ends at min_lr_ratio * lr.
+        max_grad_norm: global gradient-norm clip (manual optimization clips here, not in the Trainer).
+        max_bad_steps: this many non-finite updates in a row stop the run.
+        log_completions_every: every this many steps, a TensorBoard text table of prompts, completions, rewards.
+        logp_chunk_size: completions per log-softmax chunk (bounds the float32 [chunk, L, V] tensor).
+        export_dir: where the final HF export goes (default `<log_dir>/hf/final`).
+        export_on_checkpoint: also export to `<log_dir>/hf/step-N` at each checkpoint.
+    """
+
+    def __init__(
+        self,
+        backbone: ModelConfig,
+        lora: LoraConfigArgs | None = None,
+        num_generations: int = 8,
+        max_completion_length: int = 1024,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        repetition_penalty: float = 1.0,
+        mask_truncated_completions: bool = False,
+        beta: float = 0.04,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: LossType = "grpo",
+        scale_rewards: ScaleRewards = "group",
+        num_iterations: int = 1,
+        mini_batch_size: int | None = None,
+        reward_funcs: list[str] | None = None,
+        reward_weights: list[float] | None = None,
+        judge: JudgeClient | None = None,
+        buffer_seconds: float = 2.0,
+        similarity_threshold: float = 0.75,
+        lr: float = 1e-6,
+        vision_lr: float | None = None,
+        merger_lr: float | None = None,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        max_grad_norm: float = 1.0,
+        max_bad_steps: int = 3,
+        log_completions_every: int = 10,
+        logp_chunk_size: int = 4,
+        export_dir: str | None = None,
+        export_on_checkpoint: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["judge"])
+        plain_hparams(self)
+        self.automatic_optimization = False  # mu updates per rollout, clipping and skipping happen here
+        self.backbone = _as_dataclass(ModelConfig, backbone)
+        self.lora = _as_dataclass(LoraConfigArgs, lora)
+        self.reward_funcs = list(reward_funcs or ["accuracy", "format", "tar"])
+        self.reward_weights = list(reward_weights or [1.0] * len(self.reward_funcs))
+        if len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"{len(self.reward_weights)} reward_weights for reward_funcs {self.reward_funcs}")
+        for name in self.reward_funcs:
+            get_reward(name)  # an unknown name fails now, listing the known ones, not after the first rollout
+        if "tar" in self.reward_funcs and judge is None:
+            judge = JudgeClient.from_env()  # the original recipe's environment variables
+        self.reward_context = RewardContext(
+            judge=judge, buffer_seconds=buffer_seconds, similarity_threshold=similarity_threshold
+        )
+        self.model: torch.nn.Module | None = None  # the policy
+        self.ref_model: torch.nn.Module | None = None  # a frozen copy, only without LoRA and with beta != 0
+        self.processor = None
+        self.strict_loading = False  # checkpoints may leave out frozen weights (as in SFT)
+        self.bad_steps_in_a_row = 0
+        self.bad_steps_total = 0
+
+    # ---- model -------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Build policy (and reference) here, not in __init__, so FSDP can shard them as they are built."""
+        if self.model is not None:
+            return
+        precision = self.trainer.precision if self._trainer is not None else "32-true"
+        dtype = vm.dtype_for_precision(precision)
+        model = vm.build_model(self.backbone, self.lora, dtype=dtype)
+        if self.hparams.beta != 0 and not vm.is_peft(model):
+            # Without adapters there is nothing to switch off: keep a frozen copy of the starting weights.
+            self.ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
+            for m in filter(None, (model, self.ref_model)):
+                vm.fully_shard_model(m, self.device_mesh["data_parallel"])
+                _register_fsdp_methods(m)
+        self.model = model.train()
+        self.processor = vm.load_processor(self.backbone.name_or_path)
+        tokenizer = self.processor.tokenizer
+        eos = self.model.generation_config.eos_token_id
+        self.eos_token_ids = sorted({*([eos] if isinstance(eos, int) else eos or []), tokenizer.eos_token_id})
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        self.suppressed_tokens = [
+            i for i in tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS)) if i is not None and i >= 0
+        ]
+        # The vision features can be shared by rollout, reference and update only if nothing in the
+        # vision tower or merger trains (the recipe); otherwise the update re-encodes with gradients.
+        self.vision_trains = any(p.requires_grad for n, p in model.named_parameters() if vm.part_of(n) != "llm")
+        if self.global_rank == 0:
+            rank_zero_info(f"{self.backbone.name_or_path}: {vm.trainable_summary(model)}")
+
+    def configure_optimizers(self):
+        groups = vm.param_groups(self.model, lr=self.hparams.lr, vision_lr=self.hparams.vision_lr,
+                                 merger_lr=self.hparams.merger_lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))  # one scheduler step per rollout
+        warmup = math.ceil(self.hparams.warmup_ratio * total)
+        schedule = partial(warmup_cosine, warmup_steps=warmup, total_steps=total, min_lr_ratio=self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)}
+
+    def _sharded(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+
+    # ---- the training step -------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        G = self.hparams.num_generations
+        timer = StepTimer()
+        with timer("rollout"):  # 1. G completions per prompt, the video encoded once per prompt
+            rollout, visuals, completions = self.rollout(batch)
+        with timer("rewards"):  # 2. every reward; the judge calls of the whole step go out concurrently
+            samples = [s for s in batch["samples"] for _ in range(G)]
+            raw = compute_rewards(self.reward_funcs, completions, samples, self.reward_context)
+            rollout.total_rewards, rollout.rewards = combine_rewards(raw, self.reward_weights, G)
+        # 3. advantages, relative to the other completions of the same prompt
+        rollout.advantages = group_advantages(rollout.total_rewards, G, self.hparams.scale_rewards).to(self.device)
+        with timer("reference"):  # 4. old-policy and reference log-probs, without gradients
+            self.score_old_and_reference(rollout, visuals)
+        with timer("policy_update"):  # 5. mu clipped-ratio updates with the KL penalty
+            update = self.policy_update(rollout, visuals, batch)
+        # 6. logging
+        self.log_step(rollout, raw, completions, batch, update, timer)
+
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> tuple[Rollout, PromptVisuals, list[str]]:
+        """1. Sample G completions per prompt; returns the rollout, the prompts' visuals and the texts."""
+        G, model = self.hparams.num_generations, self.model
+        prompt = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+        visuals = encode_visuals(model, prompt)
+        N = prompt["input_ids"].shape[0] * G
+        prompt_ids = prompt["input_ids"].repeat_interleave(G, dim=0)  # [N, P]
+        prompt_mask = prompt["attention_mask"].repeat_interleave(G, dim=0)  # [N, P]
+        extra = visuals.for_rows(range(N), G)
+        if "mm_token_type_ids" in prompt:
+            extra["mm_token_type_ids"] = prompt["mm_token_type_ids"].repeat_interleave(G, dim=0)  # [N, P]
+        was_training = model.training
+        model.eval()  # no dropout while sampling
+        sequences = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            **extra,
+            do_sample=True,
+            temperature=self.hparams.temperature,
+            top_p=self.hparams.top_p,
+            top_k=self.hparams.top_k,
+            repetition_penalty=self.hparams.repetition_penalty,
+            max_new_tokens=self.hparams.max_completion_length,
+            suppress_tokens=self.suppressed_tokens,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+            synced_gpus=self._sharded() and self.trainer.world_size > 1,  # all ranks step together
+        )  # [N, P + L']
+        model.train(was_training)
+        completion_ids = sequences[:, prompt_ids.shape[1]:]  # [N, L]
+        if completion_ids.shape[1] == 0:  # every row stopped at once (cannot happen with min 1 new token)
+            completion_ids = torch.full((N, 1), self.eos_token_ids[0], device=sequences.device)
+        up_to_eos = completion_mask(completion_ids, self.eos_token_ids)  # [N, L]
+        completion_ids = completion_ids.masked_fill(up_to_eos == 0, self.pad_token_id)  # [N, L]
+        mask = completion_mask(completion_ids, self.eos_token_ids, self.hparams.mask_truncated_completions)
+        texts = self.processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        vision_inputs = {"mm_token_type_ids": extra["mm_token_type_ids"]} if "mm_token_type_ids" in extra else {}
+        return Rollout(prompt_ids, prompt_mask, completion_ids, mask, vision_inputs=vision_inputs), visuals, texts
+
+    def sequence_logps(self, model, rollout: Rollout, rows: range, visuals: PromptVisuals) -> Tensor:
+        """Log-probs ``[n, L]`` of the completion tokens of ``rows`` under ``model`` (policy or reference)."""
+        sl = slice(rows.start, rows.stop)
+        completion = rollout.completion_ids[sl]  # [n, L]
+        ids = torch.cat([rollout.prompt_ids[sl], completion], dim=1)  # [n, T]
+        # Every completion position is attended to: tokens after EOS are padding that only the mask hides.
+        mask = torch.cat([rollout.prompt_mask[sl], torch.ones_like(completion)], dim=1)  # [n, T]
+        kwargs = visuals.for_rows(rows, self.hparams.num_generations)
+        if "mm_token_type_ids" in rollout.vision_inputs:
+            types = rollout.vision_inputs["mm_token_type_ids"][sl]  # [n, P]
+            kwargs["mm_token_type_ids"] = torch.nn.functional.pad(types, (0, completion.shape[1]))  # [n, T]
+        return completion_logps(
+            model, ids, mask, completion.shape[1],
+            temperature=self.hparams.temperature, chunk_size=self.hparams.logp_chunk_size, **kwargs,
+        )
+
+    @torch.no_grad()
+    def score_old_and_reference(self, rollout: Rollout, visuals: PromptVisuals) -> None:
+        """4. ``old_logps`` (only when mu > 1: with mu = 1 the ratio is 1 by construction) and ``ref_logps``."""
+        everything = range(rollout.num_completions)
+        if self.hparams.num_iterations > 1:
+            rollout.old_logps = self.sequence_logps(self.model, rollout, everything, visuals)
+        if self.hparams.beta == 0:
+            return
+        if self.ref_model is not None:
+            ref_visuals = encode_visuals(self.ref_model, self._prompt_tensors) if self.vision_trains else visuals
+            rollout.ref_logps = self.sequence_logps(self.ref_model, rollout, everything, ref_visuals)
+        else:
+            with vm.adapters_disabled(self.model) as reference:
+                ref_visuals = encode_visuals(reference, self._prompt_tensors) if self.vision_trains else visuals
+                rollout.ref_logps = self.sequence_logps(reference, rollout, everything, ref_visuals)
+
+    def policy_update(self, rollout: Rollout, visuals: PromptVisuals, batch: dict) -> dict[str, float]:
+        """5. ``num_iterations`` passes over the rollout in mini-batches: loss, backward, clip, step."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        N = rollout.num_completions
+        size = self.hparams.mini_batch_size or N
+        metrics: dict[str, list[float]] = defaultdict(list)
+        for _ in range(self.hparams.num_iterations):
+            for start in range(0, N, size):
+                rows = range(start, min(start + size, N))
+                sl = slice(rows.start, rows.stop)
+                if self.vision_trains:  # the vision tower learns: its features need gradients
+                    visuals = encode_visuals(self.model, self._prompt_tensors)
+                logps = self.sequence_logps(self.model, rollout, rows, visuals)  # [n, L]
+                loss, loss_metrics = grpo_loss(
+                    logps,
+                    None if rollout.old_logps is None else rollout.old_logps[sl],
+                    None if rollout.ref_logps is None else rollout.ref_logps[sl],
+                    rollout.advantages[sl],
+                    rollout.completion_mask[sl],
+                    epsilon_low=self.hparams.epsilon_low,
+                    epsilon_high=self.hparams.epsilon_high,
+                    beta=self.hparams.beta,
+                    loss_type=self.hparams.loss_type,
+                    max_completion_length=self.hparams.max_completion_length,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                grad_norm = self.clip_and_measure_gradients()
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    self.skip_bad_update(loss, grad_norm, batch)
+                    metrics["bad_updates"].append(1.0)
+                    continue
+                self.bad_steps_in_a_row = 0
+                optimizer.step()
+                metrics["loss"].append(loss.item())
+                metrics["grad_norm"].append(grad_norm.item())
+                for key, value in loss_metrics.items():
+                    metrics[key].append(float(value))
+        scheduler.step()
+        return {key: sum(values) / len(values) for key, values in metrics.items()}
+
+    @property
+    def _prompt_tensors(self) -> dict[str, Tensor]:
+        return self._current_prompt  # the batch's own tensors, for re-encoding when the vision tower trains
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._current_prompt = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+
+    def clip_and_measure_gradients(self) -> Tensor:
+        """Clip the global gradient norm to ``max_grad_norm``; returns the norm before clipping."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        max_norm = self.hparams.max_grad_norm or float("inf")
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            return self.trainer.strategy.model.clip_grad_norm_(max_norm)  # FSDP1 reduces across shards
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.device)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+
+    def skip_bad_update(self, loss: Tensor, grad_norm: Tensor, batch: dict) -> None:
+        """A non-finite loss or gradient: drop this update, count it, and stop after too many in a row."""
+        self.bad_steps_in_a_row += 1
+        self.bad_steps_total += 1
+        ids = [s.get("id") for s in batch.get("samples", [])]
+        rank_zero_warn(
+            f"step {self.global_step}: skipped an update with loss {loss.item()} and grad norm {grad_norm.item()} "
+            f"(prompts {ids}); {self.bad_steps_in_a_row} in a row, {self.bad_steps_total} in total"
+        )
+        if self.bad_steps_in_a_row >= self.hparams.max_bad_steps:
+            raise NonFiniteStepError(
+                f"{self.bad_steps_in_a_row} updates in a row had a non-finite loss or gradient (last prompts: {ids}). "
+                "Lower lr, check the precision (bf16-true with a tiny lr can underflow), or resume from the last "
+                "good checkpoint with --ckpt_path."
+            )
+
+    # ---- logging -----------------------------------------------------------------------------------
+
+    def log_step(self, rollout: Rollout, raw: dict, completions: list[str], batch: dict,
+                 update: dict[str, float], timer: StepTimer) -> None:
+        G = self.hparams.num_generations
+        metrics: dict[str, float] = {}
+        metrics.update(reward_stats(raw, rollout.total_rewards, G))
+        metrics.update(completion_length_stats(rollout.completion_ids, self.eos_token_ids))
+        metrics.update(update)
+        metrics.update({k: float(v) for k, v in self.reward_context.metrics().items()})
+        metrics.update({f"time/{phase}_s": s for phase, s in timer.seconds.items()})
+        metrics["bad_updates_total"] = float(self.bad_steps_total)
+        metrics["lr"] = self.optimizers().param_groups[0]["lr"]
+        batch_size = len(batch["samples"])
+        self.log_dict({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)},
+                      on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("train/reward", metrics["reward/mean"], prog_bar=True, on_step=True, batch_size=batch_size)
+        every = self.hparams.log_completions_every
+        if every and self.global_step % every == 0:
+            self.log_completions(completions, batch, rollout)
+
+    def log_completions(self, completions: list[str], batch: dict, rollout: Rollout) -> None:
+        """A TensorBoard text table: prompt, completion and each reward, one row per completion."""
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_text"):
+            return
+        G = self.hparams.num_generations
+        names = list(rollout.rewards)
+        header = "| prompt | completion | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 2) + "\n"
+        lines = []
+        for i, text in enumerate(completions):
+            question = str(batch["samples"][i // G].get("question", ""))[:120]
+            values = " | ".join(f"{float(rollout.rewards[n][i]):.2f}" for n in names)
+            lines.append(f"| {_cell(question)} | {_cell(text)} | {values} |")
+        experiment.add_text("completions", header + "\n".join(lines), self.global_step)
+
+    # ---- checkpoints and the HF export (shared with SFT) ----------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_trainable_checkpoint(self, checkpoint)
+
+    def on_train_end(self) -> None:
+        export_final(self)
+
+    def export(self, out_dir) -> Any:
+        return vm.export_hf(self.model, self.processor, out_dir, rank=self.global_rank)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _register_fsdp_methods(model: torch.nn.Module) -> None:
+    """FSDP2 gathers a module's shards around `forward` only; generate and the vision encoders are called
+    directly, so they must be registered too (else "mixed torch.Tensor and DTensor")."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    for method in ("generate", "get_video_features", "get_image_features"):
+        register_fsdp_forward_method(model, method)
