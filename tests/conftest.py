@@ -22,3 +22,101 @@ def tiny_demo(tmp_path_factory) -> Path:
     from video_r2.synthetic import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo") / "demo", **TINY_DEMO_SIZES)
+
+
+# --- A real, scriptable OpenAI-compatible judge server (used by test_judge_client.py, test_rewards.py) ---
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+
+class ScriptedJudgeServer(ThreadingHTTPServer):
+    """Serves `/v1/chat/completions` over real HTTP on 127.0.0.1; a test scripts the replies.
+
+    `reply(messages, n)` gets the request's messages and its 0-based arrival number and returns
+    `(status, content, delay_s)`: the server waits `delay_s`, then answers `content` as the assistant
+    message (status 200) or as an error body (any other status). Every request's messages are kept in
+    `requests`; `max_in_flight` is the most requests it held at once.
+    """
+
+    daemon_threads = True  # a request still sleeping must not hold up shutdown
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _JudgeHandler)
+        self.reply = lambda messages, n: (200, "{}", 0.0)
+        self.requests: list[list[dict]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _JudgeHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as a real server would
+    disable_nagle_algorithm = True  # else the client's delayed ACK adds ~40 ms per reply
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def _send(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass  # the client gave up (timeout) and closed the connection
+
+    def do_GET(self) -> None:
+        self._send(200, {"status": "ok"})
+
+    def do_POST(self) -> None:
+        server: ScriptedJudgeServer = self.server  # type: ignore[assignment]
+        messages = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"]
+        with server.lock:
+            n = len(server.requests)
+            server.requests.append(messages)
+            server.in_flight += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+        try:
+            status, content, delay = server.reply(messages, n)
+            time.sleep(delay)
+        finally:
+            with server.lock:
+                server.in_flight -= 1
+        if status != 200:
+            self._send(status, {"error": {"message": content, "type": "server_error"}})
+            return
+        self._send(200, {
+            "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()), "model": "judge",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        })
+
+
+@pytest.fixture
+def judge_server():
+    """A running `ScriptedJudgeServer`; set `.reply` to script it."""
+    server = ScriptedJudgeServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """The base URL of a port on 127.0.0.1 where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"

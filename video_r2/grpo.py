@@ -511,6 +511,56 @@ def itertools_accumulate(counts: list[int]) -> list[int]:
     return out
 
 
+@torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    prompt: Mapping[str, Tensor],
+    num_generations: int,
+    *,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    suppress_tokens: list[int],
+    mask_truncated: bool = False,
+    **generate_kwargs: Any,
+) -> tuple[Rollout, PromptVisuals]:
+    """G completions for each of the B prompts, the vision tower run once per prompt (not per completion).
+
+    ``prompt``: the left-padded prompt tensors of a GRPO batch. ``generate_kwargs`` go to HF ``generate``
+    (sampling settings, ``max_new_tokens``, ``synced_gpus``). Vision placeholder tokens are suppressed: one
+    sampled into a completion would break every later forward. Tokens after the first EOS become padding.
+    """
+    G = num_generations
+    visuals = encode_visuals(model, prompt)
+    N = prompt["input_ids"].shape[0] * G
+    prompt_ids = prompt["input_ids"].repeat_interleave(G, dim=0)  # [N, P]
+    prompt_mask = prompt["attention_mask"].repeat_interleave(G, dim=0)  # [N, P]
+    extra = visuals.for_rows(range(N), G)
+    if "mm_token_type_ids" in prompt:  # transformers 5 drops the 3-D rope without it
+        extra["mm_token_type_ids"] = prompt["mm_token_type_ids"].repeat_interleave(G, dim=0)  # [N, P]
+    was_training = model.training
+    model.eval()  # no dropout while sampling
+    sequences = model.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, **extra, suppress_tokens=suppress_tokens,
+        eos_token_id=eos_token_ids, pad_token_id=pad_token_id, use_cache=True, **generate_kwargs,
+    )  # [N, P + L]
+    model.train(was_training)
+    completion_ids = sequences[:, prompt_ids.shape[1]:]  # [N, L]
+    up_to_eos = completion_mask(completion_ids, eos_token_ids)  # [N, L]
+    completion_ids = completion_ids.masked_fill(up_to_eos == 0, pad_token_id)  # [N, L]
+    mask = completion_mask(completion_ids, eos_token_ids, mask_truncated)  # [N, L]
+    vision_inputs = {"mm_token_type_ids": extra["mm_token_type_ids"]} if "mm_token_type_ids" in extra else {}
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, vision_inputs=vision_inputs), visuals
+
+
+def generation_token_ids(model: torch.nn.Module, tokenizer) -> tuple[list[int], int, list[int]]:
+    """(EOS ids, pad id, suppressed vision-token ids) for ``sample_completions``."""
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted({*([eos] if isinstance(eos, int) else eos or []), tokenizer.eos_token_id} - {None})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    ids = tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS))
+    return eos_ids, pad, [i for i in ids if i is not None and i >= 0 and i != tokenizer.unk_token_id]
+
+
 # ---- the module ------------------------------------------------------------------------------------
 
 
@@ -648,13 +698,9 @@ class GRPOModule(LightningModule):
                 _register_fsdp_methods(m)
         self.model = model.train()
         self.processor = vm.load_processor(self.backbone.name_or_path)
-        tokenizer = self.processor.tokenizer
-        eos = self.model.generation_config.eos_token_id
-        self.eos_token_ids = sorted({*([eos] if isinstance(eos, int) else eos or []), tokenizer.eos_token_id})
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
-        self.suppressed_tokens = [
-            i for i in tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS)) if i is not None and i >= 0
-        ]
+        self.eos_token_ids, self.pad_token_id, self.suppressed_tokens = generation_token_ids(
+            self.model, self.processor.tokenizer
+        )
         # The vision features can be shared by rollout, reference and update only if nothing in the
         # vision tower or merger trains (the recipe); otherwise the update re-encodes with gradients.
         self.vision_trains = any(p.requires_grad for n, p in model.named_parameters() if vm.part_of(n) != "llm")
@@ -695,46 +741,26 @@ class GRPOModule(LightningModule):
         # 6. logging
         self.log_step(rollout, raw, completions, batch, update, timer)
 
-    @torch.no_grad()
     def rollout(self, batch: dict) -> tuple[Rollout, PromptVisuals, list[str]]:
         """1. Sample G completions per prompt; returns the rollout, the prompts' visuals and the texts."""
-        G, model = self.hparams.num_generations, self.model
-        prompt = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
-        visuals = encode_visuals(model, prompt)
-        N = prompt["input_ids"].shape[0] * G
-        prompt_ids = prompt["input_ids"].repeat_interleave(G, dim=0)  # [N, P]
-        prompt_mask = prompt["attention_mask"].repeat_interleave(G, dim=0)  # [N, P]
-        extra = visuals.for_rows(range(N), G)
-        if "mm_token_type_ids" in prompt:
-            extra["mm_token_type_ids"] = prompt["mm_token_type_ids"].repeat_interleave(G, dim=0)  # [N, P]
-        was_training = model.training
-        model.eval()  # no dropout while sampling
-        sequences = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            **extra,
+        rollout, visuals = sample_completions(
+            self.model,
+            {k: v for k, v in batch.items() if isinstance(v, Tensor)},
+            self.hparams.num_generations,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            suppress_tokens=self.suppressed_tokens,
+            mask_truncated=self.hparams.mask_truncated_completions,
+            synced_gpus=self._sharded() and self.trainer.world_size > 1,  # all ranks step together under FSDP
             do_sample=True,
             temperature=self.hparams.temperature,
             top_p=self.hparams.top_p,
             top_k=self.hparams.top_k,
             repetition_penalty=self.hparams.repetition_penalty,
             max_new_tokens=self.hparams.max_completion_length,
-            suppress_tokens=self.suppressed_tokens,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
-            synced_gpus=self._sharded() and self.trainer.world_size > 1,  # all ranks step together
-        )  # [N, P + L']
-        model.train(was_training)
-        completion_ids = sequences[:, prompt_ids.shape[1]:]  # [N, L]
-        if completion_ids.shape[1] == 0:  # every row stopped at once (cannot happen with min 1 new token)
-            completion_ids = torch.full((N, 1), self.eos_token_ids[0], device=sequences.device)
-        up_to_eos = completion_mask(completion_ids, self.eos_token_ids)  # [N, L]
-        completion_ids = completion_ids.masked_fill(up_to_eos == 0, self.pad_token_id)  # [N, L]
-        mask = completion_mask(completion_ids, self.eos_token_ids, self.hparams.mask_truncated_completions)
-        texts = self.processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        vision_inputs = {"mm_token_type_ids": extra["mm_token_type_ids"]} if "mm_token_type_ids" in extra else {}
-        return Rollout(prompt_ids, prompt_mask, completion_ids, mask, vision_inputs=vision_inputs), visuals, texts
+        )
+        texts = self.processor.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        return rollout, visuals, texts
 
     def sequence_logps(self, model, rollout: Rollout, rows: range, visuals: PromptVisuals) -> Tensor:
         """Log-probs ``[n, L]`` of the completion tokens of ``rows`` under ``model`` (policy or reference)."""
