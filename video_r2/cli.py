@@ -63,7 +63,7 @@ def run_lightning_cli(args: list[str]) -> None:
         VideoDataModule,
         subclass_mode_model=True,  # model.class_path: video_r2.sft.SFTModule | video_r2.grpo.GRPOModule
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=None if args == sys.argv[1:] else args,  # None: LightningCLI reads sys.argv itself, without a warning
         auto_configure_optimizers=False,  # each module builds its own parameter groups and schedule
     )
 

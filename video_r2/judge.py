@@ -44,7 +44,7 @@ from video_r2.judge_prompts import consistency_messages, extraction_messages
 
 T = TypeVar("T")
 
-DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+DEFAULT_BASE_URL = "http://127.0.0.1:8011/v1"  # the default port of serve/judge_app.py
 DEFAULT_MODEL = "video-r2-judge"
 # vLLM and LitServe accept any key, but the openai client refuses to start without one.
 PLACEHOLDER_API_KEY = "EMPTY"
