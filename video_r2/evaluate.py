@@ -1,0 +1,148 @@
+"""`video-r2 evaluate`: held-out accuracy, format and TAR of a checkpoint, scored by the training rewards.
+
+One completion per prompt (greedy unless `temperature > 0`), generated exactly as GRPO's rollout does
+(`video_r2.grpo.sample_completions`) and scored by the same reward functions, so evaluation and training
+agree on what "correct", "well formed" and "temporally aligned" mean.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def _mean(values: list[float | None]) -> float:
+    valid = [v for v in values if v is not None]
+    return sum(valid) / len(valid) if valid else float("nan")
+
+
+def _chance(record_question: str, question_type: str | None, numeric_answers: int) -> float:
+    """Accuracy of a uniform guess: 1/options for multiple choice, 1/distinct answers for numbers."""
+    if question_type == "numerical":
+        return 1.0 / max(1, numeric_answers)
+    options = [line for line in record_question.splitlines() if len(line) > 2 and line[1] in ").:" and line[0].isupper()]
+    return 1.0 / max(1, len(options))
+
+
+def evaluate(
+    model: str,
+    data_path: str,
+    video_folder: str,
+    subtitles_folder: str | None = None,
+    fps: float = 2.0,
+    max_frames: int = 32,
+    min_frames: int = 4,
+    video_min_pixels: int = 3136,
+    video_max_pixels: int = 360 * 420,
+    draw_timestamps: bool = True,
+    draw_subtitles: bool = True,
+    reward_funcs: list[str] | None = None,
+    judge_base_url: str | None = None,
+    judge_model: str = "video-r2-judge",
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+    limit: int | None = None,
+    out: str | None = None,
+) -> dict:
+    """Score a checkpoint on a dataset with the training rewards; print a table and write JSON.
+
+    Args:
+        model: HF checkpoint directory or hub id (a full model: merge LoRA adapters first).
+        data_path: dataset file (JSON or JSON Lines), records as for GRPO (with `temporal_grounding` for TAR).
+        video_folder: folder the records' videos are relative to.
+        subtitles_folder: optional `<video stem>.srt` folder.
+        fps: frames sampled per second.
+        max_frames: frame cap per video.
+        min_frames: frames even for a very short video.
+        video_min_pixels: per-frame pixel floor.
+        video_max_pixels: per-frame pixel ceiling.
+        draw_timestamps: draw each frame's time.
+        draw_subtitles: draw the subtitle at each frame.
+        reward_funcs: rewards to report (default accuracy, format, and tar when a judge is given).
+        judge_base_url: TAR's judge server (OpenAI API root); without it TAR is not scored.
+        judge_model: the judge's served model name.
+        max_new_tokens: new tokens per completion.
+        temperature: 0 for greedy decoding, else the sampling temperature.
+        batch_size: prompts per generate call.
+        limit: evaluate only the first N records.
+        out: write the results here as JSON.
+    """
+    from tqdm import tqdm
+
+    from video_r2.data import VideoDataModule
+    from video_r2.grpo import generation_token_ids, sample_completions
+    from video_r2.judge import JudgeClient
+    from video_r2.model import load_model
+    from video_r2.rewards import RewardContext, compute_rewards, score_answer
+
+    names = reward_funcs or (["accuracy", "format", "tar"] if judge_base_url else ["accuracy", "format"])
+    if "tar" in names and not judge_base_url:
+        raise SystemExit("the tar reward needs --judge_base_url (start one: python serve/judge_app.py --backend rules)")
+    data = VideoDataModule(
+        data_path=data_path, video_folder=video_folder, processor_path=model, stage="grpo",
+        subtitles_folder=subtitles_folder, fps=fps, max_frames=max_frames, min_frames=min_frames,
+        video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels, draw_timestamps=draw_timestamps,
+        draw_subtitles=draw_subtitles, batch_size=batch_size, num_workers=0, on_bad_sample="raise",
+    )
+    data.setup("fit")
+    dataset = data.train_dataset
+    indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=data.collator()
+    )
+    policy = load_model(model).eval()
+    tokenizer = data.processor.tokenizer
+    eos, pad, suppress = generation_token_ids(policy, tokenizer)
+    judge = JudgeClient(base_url=judge_base_url, model=judge_model) if judge_base_url else None
+    context = RewardContext(judge=judge)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+
+    rows: list[dict] = []
+    samples: list[dict] = []
+    for batch in tqdm(loader, desc=f"evaluating {Path(model).name}", unit="batch"):
+        prompt = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        rollout, _ = sample_completions(policy, prompt, 1, eos_token_ids=eos, pad_token_id=pad,
+                                        suppress_tokens=suppress, max_new_tokens=max_new_tokens, **sampling)
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        scores = compute_rewards(names, texts, batch["samples"], context)
+        samples += batch["samples"]
+        for i, (text, sample) in enumerate(zip(texts, batch["samples"])):
+            rows.append({"id": sample.get("id"), "question_type": sample.get("question_type"), "completion": text,
+                         **{name: scores[name][i] for name in names}})
+
+    records = [dataset.records[i] for i in indices]
+    results: dict = {"model": str(model), "data_path": str(data_path), "num_samples": len(rows)}
+    for name in names:
+        results[name] = _mean([r[name] for r in rows])
+    by_type = defaultdict(list)
+    for r in rows:
+        by_type[r["question_type"] or "unknown"].append(r["accuracy"])
+    results["accuracy_by_type"] = {t: _mean(v) for t, v in sorted(by_type.items())}
+    numeric_answers = len({s["answer"] for s in samples if s.get("question_type") == "numerical"})
+    results["chance_accuracy"] = _mean([_chance(s["question"], s.get("question_type"), numeric_answers) for s in samples])
+    if records and all("segments" in r for r in records):  # the synthetic task: score its shortcut too
+        from video_r2.synthetic import shortcut_answer
+
+        results["shortcut_accuracy"] = _mean([
+            score_answer(shortcut_answer(r), s["answer"], r.get("question_type")) for r, s in zip(records, samples)
+        ])
+    if judge is not None:
+        results.update({k: v for k, v in context.metrics().items()})
+        judge.close()
+    results["samples"] = rows
+
+    print(f"\n{model} on {data_path} ({len(rows)} samples)")
+    for key in (*names, "chance_accuracy", "shortcut_accuracy"):
+        if key in results:
+            print(f"  {key:<20} {results[key]:.3f}")
+    for qtype, value in results["accuracy_by_type"].items():
+        print(f"  accuracy[{qtype}]".ljust(22) + f" {value:.3f}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=1))
+        print(f"wrote {out}")
+    return results
