@@ -20,6 +20,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/judge.py
+	$(PY) benchmarks/judge_server.py
 
 clean:
 	rm -rf demo runs .pytest_cache

@@ -163,7 +163,8 @@ def make_record(rng: random.Random, video_name: str, segments: list[Segment], nu
     if rng.random() < numeric_fraction:
         question = f"At which second does the {asked.name} first appear? Answer with a number."
         answer = str(asked.start)
-        think = f"The {asked.name} first appears at {hms(asked.start)}, so the answer is {answer}."
+        # Worded like the grounding ("a ... fills the screen") so that TAR's embedder can match the claim.
+        think = f"At {hms(asked.start)} a {asked.name} starts to fill the screen, so the answer is {answer}."
         question_type = "numerical"
     else:
         t = rng.randrange(asked.start, asked.end)
