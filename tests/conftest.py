@@ -120,3 +120,13 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="session")
+def rules_judge(tmp_path_factory):
+    """A real judge server (rules backend, no API key) for training tests; yields its `Server`."""
+    from judge_process import start_server, stop_server
+
+    server = start_server(tmp_path_factory.mktemp("judge"), "--backend", "rules")
+    yield server
+    stop_server(server)

@@ -109,3 +109,104 @@ def test_beta_keeps_the_policy_near_the_reference(tiny_demo):
     # Measured the same way for both runs, outside the module:
     assert kl_to_start(free, tiny_demo) > 1.0
     assert kl_to_start(leashed, tiny_demo) < 0.1
+
+
+def grpo_cli(tiny_demo, judge_url: str, root, *extra: str) -> list[str]:
+    """`video-r2 fit` on the demo GRPO config, pointed at the test's checkpoint, data, judge and folders."""
+    import sys
+    from pathlib import Path
+
+    video_r2 = str(Path(sys.executable).parent / "video-r2")
+    data = tiny_demo / "data"
+    return [
+        video_r2, "fit", "--config", "configs/demo/grpo.yaml",
+        "--model.init_args.backbone.name_or_path", str(tiny_demo / "model"),
+        "--model.init_args.judge.init_args.base_url", judge_url,
+        "--model.init_args.num_generations", "2", "--model.init_args.max_completion_length", "12",
+        "--model.init_args.log_completions_every", "1",
+        "--data.data_path", str(data / "video-r2-grpo-dataset.json"), "--data.video_folder", str(data / "videos"),
+        "--data.subtitles_folder", str(data / "subtitles"), "--data.processor_path", str(tiny_demo / "model"),
+        "--data.batch_size", "2", "--data.num_workers", "0",
+        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+        *extra,
+    ]
+
+
+def _run(args, cwd):
+    import os
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_fit_cli_runs_grpo_with_the_real_judge(tiny_demo, rules_judge, tmp_path):
+    """3 GRPO steps through LightningCLI, TAR judged over HTTP by our LitServe server."""
+    from pathlib import Path
+
+    from video_r2.plot import read_scalars
+
+    repo = Path(__file__).resolve().parents[1]
+    out = _run(grpo_cli(tiny_demo, rules_judge.base_url, tmp_path, "--trainer.max_steps", "3"), cwd=repo)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    scalars = read_scalars(tmp_path / "demo-grpo")
+    for tag in ("train/reward/mean", "train/rewards/tar/mean", "train/rewards/format/mean", "train/kl",
+                "train/completions/mean_length", "train/time/rollout_s", "train/judge/requests"):
+        assert len(scalars[tag]) == 3, (tag, sorted(scalars))
+        assert all(math.isfinite(v) for _, v in scalars[tag])
+    assert scalars["train/judge/failures"][-1][1] == 0
+    final = tmp_path / "demo-grpo" / "hf" / "final"
+    assert (final / "model.safetensors").exists() and (final / "config.json").exists()
+
+
+def test_fit_cli_runs_grpo_under_two_process_ddp(tiny_demo, rules_judge, tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args = grpo_cli(tiny_demo, rules_judge.base_url, tmp_path, "--trainer.max_steps", "2",
+                    "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    out = _run(args, cwd=repo)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "demo-grpo" / "hf" / "final" / "model.safetensors").exists()
+
+
+@register_reward("half_missing")
+def half_missing_reward(completions, samples, context):
+    """A reward that cannot be computed for every other completion (like TAR when the judge fails)."""
+    return [None if i % 2 else 1.0 for i in range(len(completions))]
+
+
+def test_none_rewards_are_filled_from_their_group_not_zero(tiny_demo):
+    _, history = train_token_reward(tiny_demo, 0, steps=2, reward_funcs=["half_missing", "chosen_token"])
+    last = history[-1]
+    assert last["train/rewards/half_missing/none_frac"] == 0.5
+    assert last["train/rewards/half_missing/mean"] == 1.0  # the valid values only
+    # Filled with the group mean (1.0), the missing reward moves no advantage: the total's spread is
+    # the chosen-token reward's alone, as if half_missing were a constant.
+    assert last["train/reward/mean"] == pytest.approx(1.0 + last["train/rewards/chosen_token/mean"], abs=1e-6)
+
+
+@register_reward("overflowing")
+def overflowing_reward(completions, samples, context):
+    """A broken reward (inf), which makes the advantages, the loss and the gradients NaN."""
+    return [float("inf")] * len(completions)
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_demo):
+    """No optimizer step is taken on a non-finite loss, and 3 such updates in a row stop the run."""
+    from video_r2.model import load_processor
+
+    seed_everything(0)
+    module = GRPOModule(backbone=ModelConfig(name_or_path=str(tiny_demo / "model"), freeze_llm=False),
+                        num_generations=2, max_completion_length=4, beta=0.0, lr=1e-2,
+                        reward_funcs=["overflowing"], log_completions_every=0, max_bad_steps=3)
+    batch = text_prompts(load_processor(tiny_demo / "model"), 2)[0]
+    loader = torch.utils.data.DataLoader(Repeat(batch, 10), batch_size=None)
+    trainer = Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    start = {}
+    module.on_train_start = lambda: start.update({n: p.detach().clone() for n, p in module.model.named_parameters()})
+    with pytest.raises(NonFiniteStepError, match="3 updates in a row"):
+        trainer.fit(module, train_dataloaders=loader)
+    assert module.bad_steps_total == 3
+    assert all(torch.equal(p, start[n]) for n, p in module.model.named_parameters())  # never stepped

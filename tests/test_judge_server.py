@@ -23,6 +23,8 @@ import openai
 import psutil
 import pytest
 
+from judge_process import Server, start_server, stop_server  # noqa: F401
+
 from video_r2.judge_prompts import consistency_messages, extraction_messages
 from video_r2.judge_server import (
     UNSUPPORTED_REPLY,
@@ -107,7 +109,7 @@ def test_rules_judge_reads_every_synthetic_record():
         question = record["conversations"][0]["value"]
         think, answer = re.fullmatch(r"<think>(.*)</think><answer>(.*)</answer>", record["conversations"][1]["value"]).groups()
         ((key, claim),) = extract_claims(think).items()
-        assert key in think and "answer" not in claim and claim.lower().endswith(("fills the screen", "first appears"))
+        assert key in think and "answer" not in claim and claim.lower().endswith(("fills the screen", "starts to fill the screen"))
         assert judge_consistency(question, think, answer)[0] is True
         wrong = "A" if answer == "B" else "B"
         assert judge_consistency(question, think, wrong)[0] is False
@@ -124,67 +126,6 @@ def test_rules_reply_answers_the_two_prompts_and_refuses_others():
 # ------------------------------------------------------------------------------------------------
 # the server as a subprocess
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    port: int
-    log: Path
-
-    @property
-    def root(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.root}/v1"
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(log_dir: Path, *args: str, ready_within: float = 120.0) -> Server:
-    """Start `serve/judge_app.py` on a free port and wait until /health answers 200."""
-    port = _free_port()
-    log = log_dir / f"judge-{port}.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(APP), "--port", str(port), *args],
-            stdout=out, stderr=subprocess.STDOUT, cwd=log_dir, env=env,
-        )
-    server = Server(proc, port, log)
-    deadline = time.monotonic() + ready_within
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"judge server exited with {proc.returncode} during start-up:\n{server.log_tail()}")
-        try:
-            if httpx.get(f"{server.root}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    stop_server(server)
-    pytest.fail(f"judge server not healthy within {ready_within} s:\n{server.log_tail()}")
-
-
-def stop_server(server: Server, timeout: float = 30.0) -> int:
-    """SIGTERM, as `docker stop` or a process manager would; SIGKILL only if it does not exit in time."""
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
-    return server.proc.returncode
 
 
 @pytest.fixture(scope="module")
