@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 
 import pytest
 import torch
@@ -64,7 +65,8 @@ def train_token_reward(tiny_demo, seed: int, steps: int, **overrides) -> tuple[G
     batch = text_prompts(load_processor(tiny_demo / "model"), 4)[0]
     loader = torch.utils.data.DataLoader(Repeat(batch, steps), batch_size=None)
     trainer = Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[Keep()])
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[Keep()],
+                      default_root_dir=tempfile.mkdtemp(prefix="grpo-test-"))  # the final HF export lands here
     trainer.fit(module, train_dataloaders=loader)
     return module, history
 
@@ -203,7 +205,8 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_demo):
     batch = text_prompts(load_processor(tiny_demo / "model"), 2)[0]
     loader = torch.utils.data.DataLoader(Repeat(batch, 10), batch_size=None)
     trainer = Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
+                      enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tempfile.mkdtemp(prefix="grpo-test-"))
     start = {}
     module.on_train_start = lambda: start.update({n: p.detach().clone() for n, p in module.model.named_parameters()})
     with pytest.raises(NonFiniteStepError, match="3 updates in a row"):

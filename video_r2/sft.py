@@ -1,0 +1,232 @@
+"""Stage 1, timestamp-aware SFT: `SFTModule`, a LightningModule around Qwen2.5-VL.
+
+What it does, as the original `train_sft.sh` does it:
+  * the batch (from `VideoDataModule(stage="sft")`) goes straight into the model; the loss is the model's own
+    token-mean cross-entropy over the answer tokens (labels are -100 everywhere else: system, question and
+    video tokens, padding);
+  * AdamW with parameter groups (`lr` for the LLM / LoRA, `merger_lr`, `vision_lr`; no weight decay on norms
+    and biases), linear warmup for `warmup_ratio` of the optimizer steps, then cosine decay to
+    `min_lr_ratio * lr`, stepped every optimizer step;
+  * the model is built in `configure_model`, so Lightning's FSDPStrategy wraps it as built, and under
+    `ModelParallelStrategy` (FSDP2) each decoder layer and vision block is `fully_shard`-ed there.
+
+Where it departs from the original (HF Trainer + DeepSpeed):
+  * the first warmup step already has a small learning rate ((step + 1) / warmup steps) instead of 0;
+  * Lightning checkpoints hold only the trainable weights (the frozen base is reloaded from
+    `backbone.name_or_path` on resume), except under FSDP2 / sharded FSDP, whose sharded checkpoints
+    keep every weight;
+  * at every checkpoint and at the end of training the model is also exported in HF form
+    (`<log_dir>/hf/step-N`, `<log_dir>/hf/final` or `export_dir`): the PEFT adapter, any trained base
+    weights and the processor; `video-r2 merge-lora` folds it into a standalone checkpoint.
+
+Logged to TensorBoard: train/loss, train/lr (and train/lr_<group> for the vision tower and merger),
+train/grad_norm (before clipping), train/tokens_per_s (per device), train/batch_s, val/loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+
+from video_r2 import model as vm
+from video_r2.model import LoraConfigArgs, ModelConfig
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Learning-rate factor of optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def model_inputs(batch: dict) -> dict:
+    """The tensors of a batch (input_ids, attention_mask, labels, mm_token_type_ids, pixel_values_videos,
+    video_grid_thw, second_per_grid_ts); bookkeeping such as the sample ids stays out of the forward."""
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _as_dataclass(cls, value):
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):  # from a checkpoint's hyper_parameters or a plain dict
+        return cls(**value)
+    raise TypeError(f"expected {cls.__name__} or dict, got {type(value).__name__}")
+
+
+class SFTModule(LightningModule):
+    """Supervised fine-tuning of Qwen2.5-VL on timestamped video answers.
+
+    Args:
+        backbone: the checkpoint to start from and which of its parts train (see `ModelConfig`).
+        lora: LoRA/DoRA settings; None trains the unfrozen parts of the base model directly.
+        lr: peak learning rate of the language model (LoRA weights included).
+        vision_lr: peak learning rate of the vision tower (default: lr).
+        merger_lr: peak learning rate of the vision-to-text merger (default: lr).
+        weight_decay: AdamW weight decay (not on norms, biases and DoRA magnitudes).
+        warmup_ratio: fraction of the optimizer steps spent warming up linearly.
+        min_lr_ratio: the cosine ends at min_lr_ratio * peak.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        export_dir: where the final HF export goes (default: `<log_dir>/hf/final`).
+        export_on_checkpoint: also export to `<log_dir>/hf/step-N` whenever a checkpoint is saved.
+    """
+
+    def __init__(
+        self,
+        backbone: ModelConfig,
+        lora: LoraConfigArgs | None = None,
+        lr: float = 1e-5,
+        vision_lr: float | None = None,
+        merger_lr: float | None = None,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        export_dir: str | None = None,
+        export_on_checkpoint: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        # Checkpoints are loaded with weights_only=True: keep only plain types in them.
+        for key, value in list(self.hparams.items()):
+            if dataclasses.is_dataclass(value):
+                self.hparams[key] = dataclasses.asdict(value)
+        self.backbone = _as_dataclass(ModelConfig, backbone)
+        self.lora = _as_dataclass(LoraConfigArgs, lora)
+        self.lr, self.vision_lr, self.merger_lr = lr, vision_lr, merger_lr
+        self.weight_decay, self.warmup_ratio, self.min_lr_ratio = weight_decay, warmup_ratio, min_lr_ratio
+        self.betas, self.eps = tuple(betas), eps
+        self.export_dir = export_dir
+        self.export_on_checkpoint = export_on_checkpoint
+        self.model: torch.nn.Module | None = None
+        self.processor = None
+        # Checkpoints may leave out the frozen base weights (see on_save_checkpoint).
+        self.strict_loading = False
+        self._batch_started = 0.0
+
+    # ---------------------------------------------------------------------------------------------
+    # model
+    # ---------------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning may call this more than once (fit, then validate)
+            return
+        precision = self.trainer.precision if self._trainer is not None else "32-true"
+        model = vm.build_model(self.backbone, self.lora, dtype=vm.dtype_for_precision(precision))
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
+            vm.fully_shard_model(model, self.device_mesh["data_parallel"])
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps the mode it finds
+        self.processor = vm.load_processor(self.backbone.name_or_path)
+        if self.global_rank == 0:
+            print(f"{self.backbone.name_or_path}: {vm.trainable_summary(model)}")
+
+    def forward(self, **batch: Any):
+        return self.model(**model_inputs(batch))
+
+    # ---------------------------------------------------------------------------------------------
+    # steps
+    # ---------------------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(**batch).loss
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True, batch_size=bs)
+        for i, group in enumerate(self.optimizers().param_groups):
+            if group.get("name", "llm") == "llm" or i == 0:
+                self.log("train/lr", group["lr"], on_step=True, on_epoch=False, batch_size=bs)
+            elif not group["name"].endswith("_no_decay"):
+                self.log(f"train/lr_{group['name']}", group["lr"], on_step=True, on_epoch=False, batch_size=bs)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        seconds = time.perf_counter() - self._batch_started
+        tokens = float(batch["attention_mask"].sum())
+        self.log("train/tokens_per_s", tokens / max(seconds, 1e-9), on_step=True, on_epoch=False, batch_size=1)
+        self.log("train/batch_s", seconds, on_step=True, on_epoch=False, batch_size=1)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(**batch).loss
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("train/grad_norm", self._grad_norm(), on_step=True, on_epoch=False, batch_size=1)
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the gradients (before clipping), whatever the strategy."""
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: the local shard
+                squares += grad.detach().float().pow(2).sum()
+        if self._grads_sharded():  # each rank holds a different slice of every gradient
+            torch.distributed.all_reduce(squares)
+        return squares.sqrt()
+
+    def _grads_sharded(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+
+    # ---------------------------------------------------------------------------------------------
+    # optimizer
+    # ---------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        groups = vm.param_groups(self.model, lr=self.lr, vision_lr=self.vision_lr, merger_lr=self.merger_lr,
+                                 weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = math.ceil(self.warmup_ratio * total)
+        schedule = partial(warmup_cosine, warmup_steps=warmup, total_steps=total, min_lr_ratio=self.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ---------------------------------------------------------------------------------------------
+    # checkpoints and the HF export
+    # ---------------------------------------------------------------------------------------------
+
+    def _checkpoint_keeps_everything(self) -> bool:
+        """Sharded (distributed) checkpoints are loaded key by key against the whole model: keep all keys."""
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy):
+            return True
+        return isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") == "sharded"
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self._checkpoint_keeps_everything():
+            trainable = {"model." + vm.clean_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if vm.clean_name(k) in trainable
+            }
+        if self.export_on_checkpoint:
+            self.export(Path(self.trainer.log_dir or ".") / "hf" / f"step-{self.global_step}")
+
+    def on_train_end(self) -> None:
+        out = self.export_dir or Path(self.trainer.log_dir or ".") / "hf" / "final"
+        written = self.export(out)
+        if written is not None:
+            if vm.is_peft(self.model):
+                print(f"HF export (adapter) in {written}\nnext: video-r2 merge-lora --base_model "
+                      f"{self.backbone.name_or_path} --lora_model {written} --output_dir {written}-merged")
+            else:
+                print(f"HF export (full checkpoint) in {written}\nnext: use it as model path for GRPO or evaluation")
+
+    def export(self, out_dir: str | Path) -> Path | None:
+        """HF export of the current weights (collective under FSDP: every rank calls it)."""
+        return vm.export_hf(self.model, self.processor, out_dir, rank=self.global_rank)
