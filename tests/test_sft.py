@@ -158,7 +158,7 @@ def test_flash_attention_without_package_says_how_to_install(tiny_demo, monkeypa
 
 
 def test_warmup_cosine_schedule():
-    from video_r2.sft import warmup_cosine
+    from video_r2.training import warmup_cosine
 
     f = [warmup_cosine(s, warmup_steps=3, total_steps=13) for s in range(13)]
     assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])

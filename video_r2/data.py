@@ -78,6 +78,7 @@ class VideoR2Dataset(Dataset):
         max_length: int | None = None,
         on_bad_sample: Literal["raise", "skip"] = "raise",
         seed: int = 0,
+        cache_samples: bool = False,
     ):
         if on_bad_sample not in ("raise", "skip"):
             raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
@@ -91,6 +92,8 @@ class VideoR2Dataset(Dataset):
         self.system_prompt, self.max_length = system_prompt, max_length
         self.on_bad_sample, self.seed = on_bad_sample, seed
         self.skipped: Counter[str] = Counter()  # reason -> count, in this process (workers keep their own)
+        # index -> processed sample; for small datasets seen for many epochs (each worker keeps its own)
+        self.cache: dict[int, dict] | None = {} if cache_samples else None
         tok = processor.tokenizer
         self._assistant_header = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
         self._im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -166,6 +169,14 @@ class VideoR2Dataset(Dataset):
         return frames, pts, metadata
 
     def load(self, index: int) -> dict:
+        """One processed sample; raises `BadSample` (never skips). Served from memory when cached."""
+        if self.cache is not None:
+            if index not in self.cache:
+                self.cache[index] = self._load(index)
+            return dict(self.cache[index])  # a shallow copy: callers add keys (num_skipped)
+        return self._load(index)
+
+    def _load(self, index: int) -> dict:
         record = self.records[index]
         messages = to_messages(record, self.system_prompt)
         tpl = self.processor.apply_chat_template
@@ -323,6 +334,7 @@ class VideoDataModule(LightningDataModule):
         val_fraction: float = 0.0,
         on_bad_sample: Literal["raise", "skip"] = "raise",
         seed: int = 0,
+        cache_samples: bool = False,
     ):
         """
         Args:
@@ -350,6 +362,9 @@ class VideoDataModule(LightningDataModule):
             val_fraction: share of data_path held out for validation when val_data_path is not set.
             on_bad_sample: "raise" on a missing/undecodable/unfittable sample, or "skip" (count, log, draw another).
             seed: seeds the validation split and the replacement draws of skipped samples.
+            cache_samples: keep every processed sample in memory after its first load, so a small
+                dataset trained for many epochs is decoded once (use num_workers 0: each worker would
+                keep its own copy). Off for real datasets.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -377,6 +392,7 @@ class VideoDataModule(LightningDataModule):
             records, self.load_processor(), h.video_folder, h.subtitles_folder, h.stage, self.sampling,
             h.draw_timestamps, h.draw_subtitles, h.system_prompt,
             h.max_seq_length if h.stage == "sft" else h.max_prompt_length, h.on_bad_sample, h.seed,
+            h.cache_samples,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from video_r2.schema import DEFAULT_SYSTEM_PROMPT
+
 
 def _mean(values: list[float | None]) -> float:
     valid = [v for v in values if v is not None]
@@ -39,6 +41,7 @@ def evaluate(
     video_max_pixels: int = 360 * 420,
     draw_timestamps: bool = True,
     draw_subtitles: bool = True,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     reward_funcs: list[str] | None = None,
     judge_base_url: str | None = None,
     judge_model: str = "video-r2-judge",
@@ -62,6 +65,7 @@ def evaluate(
         video_max_pixels: per-frame pixel ceiling.
         draw_timestamps: draw each frame's time.
         draw_subtitles: draw the subtitle at each frame.
+        system_prompt: the system message; use the one the model was trained with.
         reward_funcs: rewards to report (default accuracy, format, and tar when a judge is given).
         judge_base_url: TAR's judge server (OpenAI API root); without it TAR is not scored.
         judge_model: the judge's served model name.
@@ -86,7 +90,7 @@ def evaluate(
         data_path=data_path, video_folder=video_folder, processor_path=model, stage="grpo",
         subtitles_folder=subtitles_folder, fps=fps, max_frames=max_frames, min_frames=min_frames,
         video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels, draw_timestamps=draw_timestamps,
-        draw_subtitles=draw_subtitles, batch_size=batch_size, num_workers=0, on_bad_sample="raise",
+        draw_subtitles=draw_subtitles, system_prompt=system_prompt, batch_size=batch_size, num_workers=0, on_bad_sample="raise",
     )
     data.setup("fit")
     dataset = data.train_dataset

@@ -56,12 +56,27 @@ Shape legend
 
 from __future__ import annotations
 
+import copy
+import math
+import time
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from functools import partial
+from itertools import accumulate
+from typing import Any, Literal
 
 import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+
+from video_r2 import model as vm
+from video_r2.judge import JudgeClient
+from video_r2.model import LoraConfigArgs, ModelConfig
+from video_r2.rewards import RewardContext, compute_rewards, get_reward
+from video_r2.training import as_dataclass, export_final, plain_hparams, save_trainable_checkpoint, warmup_cosine
 
 __all__ = [
     "Rollout",
@@ -416,24 +431,6 @@ def completion_length_stats(completion_ids: Tensor, eos_token_ids: int | Iterabl
 
 # ---- GRPOModule below ----
 
-import copy  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from contextlib import contextmanager, nullcontext  # noqa: E402
-from functools import partial  # noqa: E402
-from typing import Any  # noqa: E402
-
-from lightning.pytorch import LightningModule  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
-
-from video_r2 import model as vm  # noqa: E402
-from video_r2.judge import JudgeClient  # noqa: E402
-from video_r2.model import LoraConfigArgs, ModelConfig  # noqa: E402
-from video_r2.rewards import RewardContext, compute_rewards, get_reward  # noqa: E402
-from video_r2.training import as_dataclass as _as_dataclass  # noqa: E402
-from video_r2.training import export_final, plain_hparams, save_trainable_checkpoint, warmup_cosine  # noqa: E402
-
 # Tokens that may only come from the processor; one sampled into a completion breaks the next forward
 # ("video features and video tokens do not match"), so generation never emits them.
 VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -494,21 +491,13 @@ def encode_visuals(model: torch.nn.Module, prompt: Mapping[str, Tensor]) -> Prom
         encode = model.get_video_features if modality == "video" else model.get_image_features
         pooled = list(encode(prompt[pixel_key], grid, return_dict=True).pooler_output)  # visuals x [tok, H]
         counts = visuals_per_row(prompt["mm_token_type_ids"], token_type)  # B ints
-        bounds = [0, *itertools_accumulate(counts)]
+        bounds = [0, *accumulate(counts)]  # prompt b's visuals are pooled[bounds[b]:bounds[b + 1]]
         features[modality] = [pooled[bounds[b]:bounds[b + 1]] for b in range(B)]
         grids[modality] = [grid[bounds[b]:bounds[b + 1]] for b in range(B)]
         if modality == "video":
             sec = prompt["second_per_grid_ts"]  # [videos]
             seconds = [sec[bounds[b]:bounds[b + 1]] for b in range(B)]
     return PromptVisuals(features, grids, seconds)
-
-
-def itertools_accumulate(counts: list[int]) -> list[int]:
-    total, out = 0, []
-    for c in counts:
-        total += c
-        out.append(total)
-    return out
 
 
 @torch.no_grad()
@@ -660,8 +649,8 @@ class GRPOModule(LightningModule):
         self.save_hyperparameters(ignore=["judge"])
         plain_hparams(self)
         self.automatic_optimization = False  # mu updates per rollout, clipping and skipping happen here
-        self.backbone = _as_dataclass(ModelConfig, backbone)
-        self.lora = _as_dataclass(LoraConfigArgs, lora)
+        self.backbone = as_dataclass(ModelConfig, backbone)
+        self.lora = as_dataclass(LoraConfigArgs, lora)
         self.reward_funcs = list(reward_funcs or ["accuracy", "format", "tar"])
         self.reward_weights = list(reward_weights or [1.0] * len(self.reward_funcs))
         if len(self.reward_weights) != len(self.reward_funcs):

@@ -25,7 +25,6 @@ train/grad_norm (before clipping), train/tokens_per_s (per device), train/batch_
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from functools import partial
@@ -37,28 +36,13 @@ from lightning.pytorch import LightningModule
 
 from video_r2 import model as vm
 from video_r2.model import LoraConfigArgs, ModelConfig
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
-    """Learning-rate factor of optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+from video_r2.training import as_dataclass, export_final, plain_hparams, save_trainable_checkpoint, warmup_cosine
 
 
 def model_inputs(batch: dict) -> dict:
     """The tensors of a batch (input_ids, attention_mask, labels, mm_token_type_ids, pixel_values_videos,
     video_grid_thw, second_per_grid_ts); bookkeeping such as the sample ids stays out of the forward."""
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
-def _as_dataclass(cls, value):
-    if value is None or isinstance(value, cls):
-        return value
-    if isinstance(value, dict):  # from a checkpoint's hyper_parameters or a plain dict
-        return cls(**value)
-    raise TypeError(f"expected {cls.__name__} or dict, got {type(value).__name__}")
 
 
 class SFTModule(LightningModule):
@@ -96,12 +80,9 @@ class SFTModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        # Checkpoints are loaded with weights_only=True: keep only plain types in them.
-        for key, value in list(self.hparams.items()):
-            if dataclasses.is_dataclass(value):
-                self.hparams[key] = dataclasses.asdict(value)
-        self.backbone = _as_dataclass(ModelConfig, backbone)
-        self.lora = _as_dataclass(LoraConfigArgs, lora)
+        plain_hparams(self)  # checkpoints are loaded with weights_only=True: plain types only
+        self.backbone = as_dataclass(ModelConfig, backbone)
+        self.lora = as_dataclass(LoraConfigArgs, lora)
         self.lr, self.vision_lr, self.merger_lr = lr, vision_lr, merger_lr
         self.weight_decay, self.warmup_ratio, self.min_lr_ratio = weight_decay, warmup_ratio, min_lr_ratio
         self.betas, self.eps = tuple(betas), eps
@@ -199,33 +180,11 @@ class SFTModule(LightningModule):
     # checkpoints and the HF export
     # ---------------------------------------------------------------------------------------------
 
-    def _checkpoint_keeps_everything(self) -> bool:
-        """Sharded (distributed) checkpoints are loaded key by key against the whole model: keep all keys."""
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-        strategy = self.trainer.strategy
-        if isinstance(strategy, ModelParallelStrategy):
-            return True
-        return isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") == "sharded"
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self._checkpoint_keeps_everything():
-            trainable = {"model." + vm.clean_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {
-                k: v for k, v in checkpoint["state_dict"].items() if vm.clean_name(k) in trainable
-            }
-        if self.export_on_checkpoint:
-            self.export(Path(self.trainer.log_dir or ".") / "hf" / f"step-{self.global_step}")
+        save_trainable_checkpoint(self, checkpoint)
 
     def on_train_end(self) -> None:
-        out = self.export_dir or Path(self.trainer.log_dir or ".") / "hf" / "final"
-        written = self.export(out)
-        if written is not None:
-            if vm.is_peft(self.model):
-                print(f"HF export (adapter) in {written}\nnext: video-r2 merge-lora --base_model "
-                      f"{self.backbone.name_or_path} --lora_model {written} --output_dir {written}-merged")
-            else:
-                print(f"HF export (full checkpoint) in {written}\nnext: use it as model path for GRPO or evaluation")
+        export_final(self)
 
     def export(self, out_dir: str | Path) -> Path | None:
         """HF export of the current weights (collective under FSDP: every rank calls it)."""

@@ -157,9 +157,10 @@ def _options_text() -> str:
     return "\n".join(f"{OPTION_LETTERS[i]}) {c} {s}" for i, (c, s, _) in enumerate(EVENTS))
 
 
-def make_record(rng: random.Random, video_name: str, segments: list[Segment], numeric_fraction: float) -> dict:
+def make_record(rng: random.Random, video_name: str, segments: list[Segment], numeric_fraction: float,
+                asked: Segment | None = None, record_id: str | None = None) -> dict:
     """One record in the original schema, with an answer that depends on when something happens."""
-    asked = rng.choice(segments)  # uniform over segments: the longest one is not favoured
+    asked = asked or rng.choice(segments)  # uniform over segments: the longest one is not favoured
     if rng.random() < numeric_fraction:
         question = f"At which second does the {asked.name} first appear? Answer with a number."
         answer = str(asked.start)
@@ -174,7 +175,7 @@ def make_record(rng: random.Random, video_name: str, segments: list[Segment], nu
         question_type = "multiple choice"
     grounding = {f"{hms(s.start)}-{hms(s.end)}": f"A {s.name} fills the screen." for s in segments}
     return {
-        "id": Path(video_name).stem,
+        "id": record_id or Path(video_name).stem,
         "video": video_name,
         "conversations": [
             {"from": "human", "value": f"<video>\n{question}"},
@@ -295,8 +296,9 @@ def build_model(tokenizer, text_hidden: int, text_layers: int, vision_hidden: in
 def _corpus(records: list[dict]) -> list[str]:
     """Text the tokenizer learns its merges from: the dataset, our prompts, and the chat markup."""
     from video_r2 import judge_prompts
+    from video_r2.schema import DEFAULT_SYSTEM_PROMPT
 
-    texts = []
+    texts = [DEFAULT_SYSTEM_PROMPT] * 50  # every training prompt starts with it: give it whole-word merges
     for r in records:
         texts += [c["value"].replace("<video>\n", "") for c in r["conversations"]]
         texts += list(r["temporal_grounding"].values())
@@ -316,6 +318,7 @@ def make_demo(
     num_sft_videos: int = 160,
     num_grpo_videos: int = 32,
     num_eval_videos: int = 48,
+    sft_questions_per_video: int = 4,
     duration: int = 8,
     size: int = 56,
     frame_rate: int = 8,
@@ -336,6 +339,9 @@ def make_demo(
         num_sft_videos: videos (one record each) in video-r2-sft-dataset.json.
         num_grpo_videos: videos in video-r2-grpo-dataset.json (not shared with SFT).
         num_eval_videos: held-out videos in video-r2-eval-dataset.json (used by neither training file).
+        sft_questions_per_video: SFT records per video, each about a different segment where possible.
+            With one question per video a small model memorises "this video -> this answer"; several
+            questions about different moments of the same video can only be told apart by their time.
         duration: seconds per video.
         size: frame side in pixels (a multiple of 28 keeps frames unresized).
         frame_rate: frames per second of the encoded videos.
@@ -375,7 +381,12 @@ def make_demo(
             write_video(videos_dir / name, render_video(segments, size, frame_rate), frame_rate)
             if i % 2 == 0:  # subtitles for every other video, matched by stem as in the original layout
                 write_srt(subs_dir / f"{Path(name).stem}.srt", segments)
-            records[split].append(make_record(rng, name, segments, numeric_fraction))
+            per_video = sft_questions_per_video if split == "sft" else 1
+            order = rng.sample(segments, len(segments))  # a different segment for each question, while they last
+            for k in range(per_video):
+                asked = order[k % len(order)] if per_video > 1 else None
+                record_id = f"{Path(name).stem}-q{k}" if per_video > 1 else None
+                records[split].append(make_record(rng, name, segments, numeric_fraction, asked, record_id))
             progress.update()
     progress.close()
     for split, recs in records.items():
@@ -388,7 +399,7 @@ def make_demo(
     build_processor(tokenizer).save_pretrained(out / "model")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}/model ({n_params / 1e3:.0f}k parameters) and {out}/data "
-          f"({', '.join(f'{k}: {v} videos' for k, v in splits.items())})")
+          f"({', '.join(f'{k}: {v} videos, {len(records[k])} records' for k, v in splits.items())})")
     print(f"next: video-r2 check-data --data-path {out}/data/video-r2-sft-dataset.json "
           f"--video-folder {out}/data/videos --model {out}/model")
     return out
