@@ -100,6 +100,27 @@ def first_last(series: dict, tag: str) -> str:
     return f"{points[0][1]:.3f} -> {points[-1][1]:.3f}  ({len(points)} points)"
 
 
+def path_overrides(args, stage: str) -> list[str]:
+    """Flags that move the demo configs' `demo/` and `runs/` paths elsewhere; none for the defaults, so the
+    commands shown are exactly the ones a user types."""
+    if (args.out, args.runs) == ("demo", "runs"):
+        return []
+    data = f"{args.out}/data"
+    split = {"sft": "sft", "grpo": "grpo", "eval": "eval"}[stage]
+    flags = [f"--data_path={data}/video-r2-{split}-dataset.json", f"--video_folder={data}/videos",
+             f"--subtitles_folder={data}/subtitles"]
+    if stage == "eval":
+        return flags
+    model = f"{args.out}/model" if stage == "sft" else f"{args.out}/sft-merged"
+    flags = ["--data." + f[2:] for f in flags] + [
+        f"--model.init_args.backbone.name_or_path={model}", f"--data.processor_path={model}",
+        f"--trainer.default_root_dir={args.runs}/demo-{stage}", f"--trainer.logger.init_args.save_dir={args.runs}",
+    ]
+    if stage == "sft":
+        flags.append(f"--data.val_data_path={data}/video-r2-eval-dataset.json")
+    return flags
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo", help="folder for the checkpoint, data, merged models and results")
@@ -107,7 +128,11 @@ def main() -> int:
     parser.add_argument("--sft-steps", type=int, default=None, help="override trainer.max_steps of the SFT stage")
     parser.add_argument("--grpo-steps", type=int, default=None, help="override trainer.max_steps of the GRPO stage")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out videos only")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a few videos and steps: checks that every stage runs (the tests use it), learns nothing")
     args = parser.parse_args()
+    if args.tiny:
+        args.sft_steps, args.grpo_steps, args.eval_limit = args.sft_steps or 4, args.grpo_steps or 2, args.eval_limit or 4
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -123,12 +148,13 @@ def main() -> int:
         for run_name in ("demo-sft", "demo-grpo"):
             shutil.rmtree(runs / run_name, ignore_errors=True)
         logs.mkdir(parents=True)
-        run("make-demo", [video_r2, "make-demo", "--out", str(out / "build")], logs)
+        sizes = ["--num-sft-videos", "4", "--num-grpo-videos", "4", "--num-eval-videos", "4"] if args.tiny else []
+        run("make-demo", [video_r2, "make-demo", "--out", str(out / "build"), *sizes], logs)
         for sub in ("model", "data"):
             (out / "build" / sub).rename(out / sub)
         (out / "build").rmdir()
 
-        sft = [video_r2, "fit", "--config", "configs/demo/sft.yaml"]
+        sft = [video_r2, "fit", "--config", "configs/demo/sft.yaml", *path_overrides(args, "sft")]
         if args.sft_steps:
             sft += ["--trainer.max_steps", str(args.sft_steps)]
         run("sft", sft, logs)
@@ -138,7 +164,7 @@ def main() -> int:
         port = free_port()
         judge = start_judge(port, logs)
         judge_url = f"http://127.0.0.1:{port}/v1"
-        grpo = [video_r2, "fit", "--config", "configs/demo/grpo.yaml",
+        grpo = [video_r2, "fit", "--config", "configs/demo/grpo.yaml", *path_overrides(args, "grpo"),
                 "--model.init_args.judge.init_args.base_url", judge_url]
         if args.grpo_steps:
             grpo += ["--trainer.max_steps", str(args.grpo_steps)]
@@ -148,8 +174,8 @@ def main() -> int:
         models = {"base": out / "model", "sft": out / "sft-merged", "grpo": runs / "demo-grpo/hf/final"}
         for name, path in models.items():
             result = out / f"eval-{name}.json"
-            command = [video_r2, "evaluate", "--model", str(path), "--config", "configs/demo/eval.yaml",
-                       "--judge_base_url", judge_url, "--out", str(result)]
+            command = [video_r2, "evaluate", "--config", "configs/demo/eval.yaml", *path_overrides(args, "eval"),
+                       "--model", str(path), "--judge_base_url", judge_url, "--out", str(result)]
             if args.eval_limit:
                 command += ["--limit", str(args.eval_limit)]
             run(f"evaluate-{name}", command, logs)

@@ -10,8 +10,11 @@
 The task makes *when* matter. Each video is a few segments; in each one a coloured shape fills the screen
 (red circle, green square, blue triangle, yellow star) while a small white dot moves along the bottom edge.
 Questions ask which shape fills the screen at a given second (multiple choice) or at which second a shape
-first appears (numeric). The segment asked about is drawn uniformly, not by length, so answering with the
-shape that fills most of the video (the task's shortcut) is clearly worse than reading the time.
+first appears (numeric). The second asked about is drawn uniformly over the video, so answering with the
+shape that fills most of the video (the task's shortcut) is right about 2 times in 3 and reading the time is
+needed for the rest. (A tiny model learns that shortcut first and the timing after it; measured here, a task
+without a shortcut stayed at chance in the demo's budget.) Each SFT video gets several questions about
+different seconds, so that "this video -> this answer" cannot be memorised.
 
 The held-out eval file uses videos that neither training file uses. Everything is deterministic for a seed.
 """
@@ -37,7 +40,6 @@ EVENTS: list[tuple[str, str, tuple[int, int, int]]] = [
     ("yellow", "star", (230, 210, 40)),
 ]
 OPTION_LETTERS = "ABCD"
-BACKGROUND = (24, 24, 24)
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -102,7 +104,9 @@ def random_segments(rng: random.Random, duration: int, num_segments: int) -> lis
 
 def _shape_image(event: int, size: int) -> Image.Image:
     _, shape, rgb = EVENTS[event]
-    image = Image.new("RGB", (size, size), BACKGROUND)
+    # A dark tint of the same colour behind the shape: every patch of the frame carries the colour, so a
+    # tiny vision tower sees it even where the time and subtitle overlays cover the shape.
+    image = Image.new("RGB", (size, size), tuple(c * 2 // 5 for c in rgb))
     draw = ImageDraw.Draw(image)
     m = size // 10  # margin: the shape fills most of the frame and always covers its centre
     box = (m, m, size - m, size - m)
@@ -158,9 +162,14 @@ def _options_text() -> str:
 
 
 def make_record(rng: random.Random, video_name: str, segments: list[Segment], numeric_fraction: float,
-                asked: Segment | None = None, record_id: str | None = None) -> dict:
-    """One record in the original schema, with an answer that depends on when something happens."""
-    asked = asked or rng.choice(segments)  # uniform over segments: the longest one is not favoured
+                t: int | None = None, record_id: str | None = None) -> dict:
+    """One record in the original schema, about second `t` (drawn uniformly if None) of the video.
+
+    Its answer depends on *when*: what fills the screen at `t` (multiple choice), or at which second the
+    shape showing at `t` first appears (a number).
+    """
+    t = rng.randrange(segments[-1].end) if t is None else t
+    asked = next(s for s in segments if s.start <= t < s.end)
     if rng.random() < numeric_fraction:
         question = f"At which second does the {asked.name} first appear? Answer with a number."
         answer = str(asked.start)
@@ -168,7 +177,6 @@ def make_record(rng: random.Random, video_name: str, segments: list[Segment], nu
         think = f"At {hms(asked.start)} a {asked.name} starts to fill the screen, so the answer is {answer}."
         question_type = "numerical"
     else:
-        t = rng.randrange(asked.start, asked.end)
         question = f"What fills the screen at {hms(t)}?\n{_options_text()}\nAnswer with the option letter."
         answer = OPTION_LETTERS[asked.event]
         think = f"At {hms(t)} a {asked.name} fills the screen, so the answer is {answer}."
@@ -322,7 +330,7 @@ def make_demo(
     duration: int = 8,
     size: int = 56,
     frame_rate: int = 8,
-    segments_per_video: int = 3,
+    segments_per_video: int = 2,
     numeric_fraction: float = 0.2,
     vocab_size: int = 1024,
     text_hidden: int = 128,
@@ -382,11 +390,10 @@ def make_demo(
             if i % 2 == 0:  # subtitles for every other video, matched by stem as in the original layout
                 write_srt(subs_dir / f"{Path(name).stem}.srt", segments)
             per_video = sft_questions_per_video if split == "sft" else 1
-            order = rng.sample(segments, len(segments))  # a different segment for each question, while they last
-            for k in range(per_video):
-                asked = order[k % len(order)] if per_video > 1 else None
+            times = rng.sample(range(duration), min(per_video, duration))  # distinct seconds of one video
+            for k, t in enumerate(times):
                 record_id = f"{Path(name).stem}-q{k}" if per_video > 1 else None
-                records[split].append(make_record(rng, name, segments, numeric_fraction, asked, record_id))
+                records[split].append(make_record(rng, name, segments, numeric_fraction, t, record_id))
             progress.update()
     progress.close()
     for split, recs in records.items():

@@ -1,0 +1,68 @@
+"""`video-r2 evaluate` and `video-r2 plot`: held-out scoring with the training rewards, and curves from TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+VIDEO_R2 = str(Path(sys.executable).parent / "video-r2")
+
+
+def test_evaluate_scores_with_the_training_rewards_and_baselines(tiny_demo, rules_judge, tmp_path):
+    from video_r2.evaluate import evaluate
+
+    data = tiny_demo / "data"
+    out = tmp_path / "eval.json"
+    results = evaluate(
+        model=str(tiny_demo / "model"), data_path=str(data / "video-r2-eval-dataset.json"),
+        video_folder=str(data / "videos"), subtitles_folder=str(data / "subtitles"), fps=2.0, max_frames=16,
+        video_max_pixels=3136, judge_base_url=rules_judge.base_url, max_new_tokens=8, batch_size=2, out=str(out),
+    )
+    saved = json.loads(out.read_text())
+    assert saved["num_samples"] == results["num_samples"] == 4
+    # A random model writes no <think>/<answer>: format and accuracy are 0, and so is TAR (nothing to match).
+    assert results["format"] == 0.0 and results["accuracy"] == 0.0 and results["tar"] == 0.0
+    assert len(saved["samples"]) == 4 and all("completion" in s for s in saved["samples"])
+    # Baselines come from the records alone: chance from the options, the shortcut from the segments.
+    records = json.loads((data / "video-r2-eval-dataset.json").read_text())
+    from video_r2.rewards import score_answer
+    from video_r2.synthetic import shortcut_answer
+
+    expected = sum(score_answer(shortcut_answer(r), r["conversations"][1]["value"].split("<answer>")[1][:-9],
+                                r["question_type"]) for r in records) / len(records)
+    assert results["shortcut_accuracy"] == pytest.approx(expected)
+    assert 0 < results["chance_accuracy"] <= 0.25
+
+
+def test_evaluate_refuses_tar_without_a_judge(tiny_demo):
+    from video_r2.evaluate import evaluate
+
+    data = tiny_demo / "data"
+    with pytest.raises(SystemExit, match="judge_base_url"):
+        evaluate(model=str(tiny_demo / "model"), data_path=str(data / "video-r2-eval-dataset.json"),
+                 video_folder=str(data / "videos"), reward_funcs=["accuracy", "tar"])
+
+
+def test_plot_draws_a_png_from_tensorboard_logs(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "run" / "version_0"))
+    for step in range(5):
+        writer.add_scalar("train/loss", 1.0 / (step + 1), step)
+        writer.add_scalar("train/rewards/accuracy/mean", step / 5, step)
+        writer.add_scalar("train/kl", 0.01 * step, step)
+        writer.add_scalar("train/completions/mean_length", 20 + step, step)
+    writer.close()
+    out = subprocess.run([VIDEO_R2, "plot", str(tmp_path / "run")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    png = tmp_path / "run" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_says_what_to_pass_when_there_are_no_logs(tmp_path):
+    out = subprocess.run([VIDEO_R2, "plot", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode != 0 and "events.out.tfevents" in (out.stderr + out.stdout)
