@@ -822,6 +822,7 @@ class GRPOModule(LightningModule):
                 metrics["grad_norm"].append(grad_norm.item())
                 for key, value in loss_metrics.items():
                     metrics[key].append(float(value))
+        metrics["lr"].append(optimizer.param_groups[0]["lr"])  # the rate these updates used
         scheduler.step()
         return {key: sum(values) / len(values) for key, values in metrics.items()}
 
@@ -873,7 +874,6 @@ class GRPOModule(LightningModule):
         metrics.update({k: float(v) for k, v in self.reward_context.metrics().items()})
         metrics.update({f"time/{phase}_s": s for phase, s in timer.seconds.items()})
         metrics["bad_updates_total"] = float(self.bad_steps_total)
-        metrics["lr"] = self.optimizers().param_groups[0]["lr"]
         batch_size = len(batch["samples"])
         self.log_dict({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)},
                       on_step=True, on_epoch=False, batch_size=batch_size)
