@@ -157,6 +157,8 @@ def main() -> int:
         sft = [video_r2, "fit", "--config", "configs/demo/sft.yaml", *path_overrides(args, "sft")]
         if args.sft_steps:
             sft += ["--trainer.max_steps", str(args.sft_steps)]
+        if args.tiny:  # a handful of steps: log every one, so the plots have points
+            sft += ["--trainer.log_every_n_steps", "1"]
         run("sft", sft, logs)
         run("merge-lora", [video_r2, "merge-lora", "--base_model", str(out / "model"),
                            "--lora_model", str(runs / "demo-sft/hf/final"), "--output_dir", str(out / "sft-merged")], logs)

@@ -64,12 +64,12 @@ def corrupt_video(tmp_path: Path, tiny_demo) -> Path:
 
 
 def test_sft_labels_are_exactly_the_assistant_reply(tiny_demo, processor):
-    rec = records(tiny_demo)[0]
+    rec = copy.deepcopy(records(tiny_demo)[0])
+    reference = "<think>At 00:02 a green square fills the screen, so the answer is B.</think><answer>B</answer>"
+    rec["conversations"][1]["value"] = reference  # a hand-written reply, whatever the generator wrote
     item = dataset(tiny_demo, processor, [rec])[0]
     tok = processor.tokenizer
     ids, labels = item["input_ids"], item["labels"]
-    reference = rec["conversations"][1]["value"]
-    assert reference == "<think>At 00:02 a green square fills the screen, so the answer is B.</think><answer>B</answer>"
     kept = (labels != D.IGNORE_INDEX).nonzero().flatten()
     # one contiguous span, equal to the input ids there, ending in <|im_end|>, right after the header
     assert kept.tolist() == list(range(int(kept[0]), int(kept[-1]) + 1))
@@ -149,7 +149,8 @@ def datamodule(tiny_demo, processor, stage, **kw):
 def test_sft_batch_forward(tiny_demo, processor, model):
     dm = datamodule(tiny_demo, processor, "sft", val_fraction=0.25)
     dm.setup("fit")
-    assert len(dm.train_dataset) == 6 and len(dm.val_dataset) == 2
+    n = len(records(tiny_demo))
+    assert len(dm.val_dataset) == round(0.25 * n) and len(dm.train_dataset) == n - round(0.25 * n)
     batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert "num_skipped" not in batch and dm.skipped == 0
     lengths = batch["attention_mask"].sum(1)
@@ -240,9 +241,14 @@ def test_subtitles_found_by_stem(tiny_demo, processor, monkeypatch):
     seen = []
     real = D.V.overlay_frames
     monkeypatch.setattr(D.V, "overlay_frames", lambda f, t, cues, *a: seen.append(cues) or real(f, t, cues, *a))
-    ds = dataset(tiny_demo, processor, records(tiny_demo)[:2])
-    ds[0], ds[1]  # sft_0000 has an .srt, sft_0001 does not
-    assert seen[0][0].text == "Now a yellow star." and seen[1] is None
+    recs = records(tiny_demo)
+    with_srt = recs[0]  # sft_0000 has an .srt (every other video does)
+    without = next(r for r in recs if r["video"] == "sft_0001.mp4")
+    ds = dataset(tiny_demo, processor, [with_srt, without])
+    ds[0], ds[1]
+    first = with_srt["temporal_grounding"]
+    first_shape = first[min(first)].removeprefix("A ").removesuffix(" fills the screen.")
+    assert seen[0][0].text == f"Now a {first_shape}." and seen[1] is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +274,7 @@ def test_bad_video_skip_draws_another(tiny_demo, processor, tmp_path, name, capl
             dataset(tiny_demo, processor, recs, on_bad_sample="raise")[1]
     with caplog.at_level(logging.WARNING, logger="video_r2.data"):
         item = ds[1]
-    assert item["id"] in {"sft_0000", "sft_0002"} and item["num_skipped"] >= 1
+    assert item["id"] in {recs[0]["id"], recs[2]["id"]} and item["num_skipped"] >= 1
     assert sum(ds.skipped.values()) == item["num_skipped"] and name in caplog.text
 
 
@@ -355,7 +361,8 @@ def test_check_data_good(tiny_demo, capsys):
                       model=str(tiny_demo / "model"))
     out = capsys.readouterr().out
     assert rc == 0 and "OK: no problems found" in out
-    assert "records          8  valid 8  invalid 0" in out
+    n = len(records(tiny_demo))  # several questions per video
+    assert f"records         {n:>3}  valid {n}  invalid 0" in out
     assert "videos           8  found 8  missing 0  undecodable 0" in out
     assert "4 of 8 videos have an .srt" in out and "min 8.0" in out and "longest" in out
     assert "visual tokens    min 16" in out  # 8 frames at 56x56: 4 pairs x 4 tokens

@@ -35,7 +35,11 @@ def test_evaluate_scores_with_the_training_rewards_and_baselines(tiny_demo, rule
     expected = sum(score_answer(shortcut_answer(r), r["conversations"][1]["value"].split("<answer>")[1][:-9],
                                 r["question_type"]) for r in records) / len(records)
     assert results["shortcut_accuracy"] == pytest.approx(expected)
-    assert 0 < results["chance_accuracy"] <= 0.25
+    # Chance: 1/4 options for multiple choice, 1/(distinct numeric answers) for numbers.
+    numeric = {r["conversations"][1]["value"].split("<answer>")[1][:-9] for r in records
+               if r["question_type"] == "numerical"}
+    chance = [0.25 if r["question_type"] == "multiple choice" else 1 / len(numeric) for r in records]
+    assert results["chance_accuracy"] == pytest.approx(sum(chance) / len(chance))
 
 
 def test_evaluate_refuses_tar_without_a_judge(tiny_demo):

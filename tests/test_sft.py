@@ -297,11 +297,12 @@ def test_fit_cli_writes_tensorboard_and_hf_export_then_resumes(tiny_demo, tmp_pa
         "--trainer.logger.init_args.save_dir", str(runs), "--trainer.default_root_dir", str(runs),
         "--trainer.log_every_n_steps", "1", "--trainer.check_val_every_n_epoch", "1",
         "--trainer.limit_val_batches", "1", "--trainer.callbacks.init_args.every_n_train_steps", "3",
+        "--trainer.val_check_interval", "2",  # the epoch (32 records) is longer than the run
     ]
-    out = subprocess.run(common + ["--trainer.max_steps", "5"], cwd=tmp_path, env=cli_env(),
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(common + ["--trainer.max_steps", "5", "--trainer.logger.init_args.version", "first"],
+                         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    version = runs / "demo-sft" / "version_0"
+    version = runs / "demo-sft" / "first"
     scalars = tb_scalars(version)
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss"):
         assert tag in scalars, (tag, sorted(scalars))
@@ -310,19 +311,25 @@ def test_fit_cli_writes_tensorboard_and_hf_export_then_resumes(tiny_demo, tmp_pa
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from video_r2.merge_lora import merge_lora
+
+    # The demo config trains a LoRA adapter and (the random model being worth nothing frozen) the base weights.
     final = version / "hf" / "final"
-    assert (final / "config.json").is_file() and list(final.glob("model*.safetensors"))
-    assert (version / "hf" / "step-3" / "config.json").is_file()  # exported with the step-3 checkpoint
-    trained = AutoModelForImageTextToText.from_pretrained(final)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        assert (final / name).is_file(), name
+    assert (version / "hf" / "step-3" / "adapter_model.safetensors").is_file()  # exported with the step-3 checkpoint
+    merge_lora(str(tiny_demo / "model"), str(final), str(tmp_path / "merged"))
+    trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     base = AutoModelForImageTextToText.from_pretrained(tiny_demo / "model")
     assert not torch.equal(trained.lm_head.weight, base.lm_head.weight)
     AutoProcessor.from_pretrained(final)
 
     ckpt = next((version / "checkpoints").glob("*step=3.ckpt"))
-    out = subprocess.run(common + ["--trainer.max_steps", "5", "--ckpt_path", str(ckpt)], cwd=tmp_path,
+    out = subprocess.run(common + ["--trainer.max_steps", "5", "--ckpt_path", str(ckpt),
+                                   "--trainer.logger.init_args.version", "resumed"], cwd=tmp_path,
                          env=cli_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    resumed = tb_scalars(runs / "demo-sft" / "version_1")
+    resumed = tb_scalars(runs / "demo-sft" / "resumed")
     assert [s for s, _ in resumed["train/loss"]] == [3, 4]  # continues at global step 3
 
 
