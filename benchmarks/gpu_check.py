@@ -3,6 +3,11 @@
     python benchmarks/gpu_check.py                 # on one H100/H200 (about 5 minutes)
     python benchmarks/gpu_check.py --tiny --cpu    # the same code path on a CPU, to check the script itself
 
+On the lent GPU machine (device tool), whose image has transformers 5.17 but no jsonargparse, litserve or
+torchcodec: carry the transformers wheel this project pins (`pip download --no-deps transformers==5.24.0
+-d .whl`, see the device README) and run `pip install --no-deps --target /tmp/site .whl/*.whl &&
+PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_check.py`. Nothing here needs FFmpeg.
+
 The model is a real Qwen2.5-VL architecture scaled down (`--size 2b`: the 3B text stack at 1.5B-width with
 the full 32-block vision tower), randomly initialised, so nothing is downloaded. Its tokenizer is the demo's
 byte-level BPE, with the embedding table padded to Qwen's 151,936 rows so the lm_head costs what it does in
@@ -220,7 +225,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\nGPU check on {device}: {args.size} Qwen2.5-VL ({rows[0]['params'] / 1e9:.2f}B parameters), "
-          f"{args.frames} frames at {args.height}x{args.width}, FSDPStrategy bf16-mixed" + (" (CPU run)" if args.cpu else ""))
+          f"{args.frames} frames at {args.height}x{args.width}, "
+          + ("one CPU process, fp32 (checks the script only)" if args.cpu else "FSDPStrategy, bf16-mixed"))
     print(f"{'stage':<6}{'step s':>9}{'tokens/step':>13}{'tokens/s':>11}{'peak GiB':>10}{'MFU':>7}")
     for r in rows:
         print(f"{r['stage']:<6}{r['step_s']:>9.2f}{r['tokens_per_step']:>13}{r['tokens_per_s']:>11.0f}"
