@@ -63,7 +63,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from itertools import accumulate
 from typing import Any, Literal
 
@@ -76,7 +75,7 @@ from video_r2 import model as vm
 from video_r2.judge import JudgeClient
 from video_r2.model import LoraConfigArgs, ModelConfig
 from video_r2.rewards import RewardContext, compute_rewards, get_reward
-from video_r2.training import as_dataclass, export_final, plain_hparams, save_trainable_checkpoint, warmup_cosine
+from video_r2.training import as_dataclass, build_optimizer, export_final, plain_hparams, save_trainable_checkpoint
 
 __all__ = [
     "Rollout",
@@ -697,13 +696,9 @@ class GRPOModule(LightningModule):
             rank_zero_info(f"{self.backbone.name_or_path}: {vm.trainable_summary(model)}")
 
     def configure_optimizers(self):
-        groups = vm.param_groups(self.model, lr=self.hparams.lr, vision_lr=self.hparams.vision_lr,
-                                 merger_lr=self.hparams.merger_lr, weight_decay=self.hparams.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))  # one scheduler step per rollout
-        warmup = math.ceil(self.hparams.warmup_ratio * total)
-        schedule = partial(warmup_cosine, warmup_steps=warmup, total_steps=total, min_lr_ratio=self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)}
+        h = self.hparams  # one scheduler step per rollout step, however many updates it makes
+        return build_optimizer(self.model, self.trainer.estimated_stepping_batches, h.lr, h.vision_lr, h.merger_lr,
+                               h.weight_decay, h.warmup_ratio, h.min_lr_ratio)
 
     def _sharded(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy

@@ -25,9 +25,7 @@ train/grad_norm (before clipping), train/tokens_per_s (per device), train/batch_
 
 from __future__ import annotations
 
-import math
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ from lightning.pytorch import LightningModule
 
 from video_r2 import model as vm
 from video_r2.model import LoraConfigArgs, ModelConfig
-from video_r2.training import as_dataclass, export_final, plain_hparams, save_trainable_checkpoint, warmup_cosine
+from video_r2.training import as_dataclass, build_optimizer, export_final, plain_hparams, save_trainable_checkpoint
 
 
 def model_inputs(batch: dict) -> dict:
@@ -167,14 +165,9 @@ class SFTModule(LightningModule):
     # ---------------------------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        groups = vm.param_groups(self.model, lr=self.lr, vision_lr=self.vision_lr, merger_lr=self.merger_lr,
-                                 weight_decay=self.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = math.ceil(self.warmup_ratio * total)
-        schedule = partial(warmup_cosine, warmup_steps=warmup, total_steps=total, min_lr_ratio=self.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return build_optimizer(self.model, self.trainer.estimated_stepping_batches, self.lr, self.vision_lr,
+                               self.merger_lr, self.weight_decay, self.warmup_ratio, self.min_lr_ratio,
+                               self.betas, self.eps)
 
     # ---------------------------------------------------------------------------------------------
     # checkpoints and the HF export

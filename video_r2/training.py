@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from video_r2 import model as vm
 
@@ -20,6 +23,22 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model, total_steps: int, lr: float, vision_lr: float | None = None, merger_lr: float | None = None,
+                    weight_decay: float = 0.0, warmup_ratio: float = 0.0, min_lr_ratio: float = 0.0,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> dict:
+    """AdamW over `vm.param_groups` with linear warmup then cosine, stepped once per optimizer step.
+
+    Returns Lightning's `configure_optimizers` dict.
+    """
+    groups = vm.param_groups(model, lr=lr, vision_lr=vision_lr, merger_lr=merger_lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    total = max(1, int(total_steps))
+    schedule = partial(warmup_cosine, warmup_steps=math.ceil(warmup_ratio * total), total_steps=total,
+                       min_lr_ratio=min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
 def as_dataclass(cls, value):
