@@ -161,12 +161,22 @@ def test_fit_cli_runs_grpo_with_the_real_judge(tiny_demo, rules_judge, tmp_path)
     assert (final / "model.safetensors").exists() and (final / "config.json").exists()
 
 
-def test_fit_cli_runs_grpo_under_two_process_ddp(tiny_demo, rules_judge, tmp_path):
+TWO_PROCESS_STRATEGIES = {
+    "ddp": ["--trainer.strategy", "ddp"],
+    # FSDP2 (fully_shard in configure_model); generate and the vision encoders are registered FSDP methods
+    "fsdp2": ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+              "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1"],
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(TWO_PROCESS_STRATEGIES))
+def test_fit_cli_runs_grpo_on_two_processes(tiny_demo, rules_judge, tmp_path, strategy):
+    """Every rank samples, scores and updates; under FSDP2 the ranks generate in lockstep (synced_gpus)."""
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
     args = grpo_cli(tiny_demo, rules_judge.base_url, tmp_path, "--trainer.max_steps", "2",
-                    "--trainer.devices", "2", "--trainer.strategy", "ddp")
+                    "--trainer.devices", "2", *TWO_PROCESS_STRATEGIES[strategy])
     out = _run(args, cwd=repo)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert (tmp_path / "demo-grpo" / "hf" / "final" / "model.safetensors").exists()
