@@ -87,12 +87,6 @@ def stop(process: subprocess.Popen | None) -> None:
             process.kill()
 
 
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from video_r2.plot import read_scalars
-
-    return read_scalars(run_dir)
-
-
 def first_last(series: dict, tag: str) -> str:
     points = series.get(tag)
     if not points:
@@ -187,7 +181,10 @@ def main() -> int:
 
         for run_name in ("demo-sft", "demo-grpo"):
             run(f"plot-{run_name}", [video_r2, "plot", str(runs / run_name)], logs)
-        summary = summarize(results, scalars(runs / "demo-sft"), scalars(runs / "demo-grpo"), out, runs, time.time() - start)
+        from video_r2.plot import read_scalars
+
+        summary = summarize(results, read_scalars(runs / "demo-sft"), read_scalars(runs / "demo-grpo"), out, runs,
+                            time.time() - start)
         print(summary)
         (out / "summary.txt").write_text(summary)
         return 0

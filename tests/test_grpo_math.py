@@ -12,7 +12,6 @@ from video_r2.grpo import (
     completion_mask,
     group_advantages,
     grpo_loss,
-    repeat_prompt_inputs,
     reward_stats,
 )
 
@@ -299,17 +298,3 @@ def test_completion_length_stats():
                  "completions/max_length": 4.0, "completions/truncated_frac": 0.25}
 
 
-# ---- repeat_prompt_inputs ------------------------------------------------------------------------
-
-
-def test_repeat_prompt_inputs_repeats_each_prompts_patch_block():
-    grid = torch.tensor([[1, 2, 2], [2, 2, 2]])  # 4 and 8 patches
-    pixels = torch.arange(12.0).unsqueeze(1)  # [12, 1]
-    out = repeat_prompt_inputs(
-        {"input_ids": torch.tensor([[1, 2], [3, 4]]), "pixel_values_videos": pixels, "video_grid_thw": grid,
-         "second_per_grid_ts": torch.tensor([0.5, 1.0])}, 2)
-    assert out["input_ids"].tolist() == [[1, 2], [1, 2], [3, 4], [3, 4]]
-    assert out["video_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
-    assert out["second_per_grid_ts"].tolist() == [0.5, 0.5, 1.0, 1.0]
-    expected = list(range(4)) * 2 + list(range(4, 12)) * 2
-    assert out["pixel_values_videos"].squeeze(1).tolist() == expected

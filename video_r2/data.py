@@ -94,6 +94,7 @@ class VideoR2Dataset(Dataset):
         self.skipped: Counter[str] = Counter()  # reason -> count, in this process (workers keep their own)
         # index -> processed sample; for small datasets seen for many epochs (each worker keeps its own)
         self.cache: dict[int, dict] | None = {} if cache_samples else None
+        self._cues: dict[Path, list | None] = {}  # .srt path -> its cues
         tok = processor.tokenizer
         self._assistant_header = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
         self._im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -136,8 +137,8 @@ class VideoR2Dataset(Dataset):
                     raise BadSample(index, path, f"missing {kind}")
                 try:
                     if kind == "video":
-                        info = V.probe(path)
-                        media.append(Media(kind, path, info.height, info.width, info=info))
+                        decoder, info = V.open_video(path)  # opened once: planned with, then decoded from
+                        media.append(Media(kind, path, info.height, info.width, info=info, decoder=decoder))
                     else:
                         media.append(Media(kind, path, *image_size(path)))
                 except (V.VideoDecodeError, OSError) as err:
@@ -150,13 +151,16 @@ class VideoR2Dataset(Dataset):
 
         info = m.info
         try:
-            frames, pts = V.decode_frames(m.path, V.sample_times(info.start, info.duration, m.frames), m.size)
+            times = V.sample_times(info.start, info.duration, m.frames)
+            frames, pts = V.decode_frames(m.path, times, m.size, opened=(m.decoder, info))
         except (V.VideoDecodeError, OSError) as err:
             raise BadSample(index, m.path, f"undecodable video: {err}") from err
         cues = None
         if self.draw_subtitles and self.subtitles_folder is not None:
             srt = self.subtitles_folder / f"{m.path.stem}.srt"
-            cues = V.parse_srt(srt) if srt.is_file() else None
+            if srt not in self._cues:  # parsed once per process: several records may share a video
+                self._cues[srt] = V.parse_srt(srt) if srt.is_file() else None
+            cues = self._cues[srt]
         frames = V.overlay_frames(frames, pts, cues, self.draw_timestamps, self.draw_subtitles)
         # The processor reads sampled_fps = len(frames_indices) / total_num_frames * fps: with the native
         # rate and the native frame count that is T / duration, the spacing of the planned times.

@@ -90,7 +90,8 @@ def evaluate(
         data_path=data_path, video_folder=video_folder, processor_path=model, stage="grpo",
         subtitles_folder=subtitles_folder, fps=fps, max_frames=max_frames, min_frames=min_frames,
         video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels, draw_timestamps=draw_timestamps,
-        draw_subtitles=draw_subtitles, system_prompt=system_prompt, batch_size=batch_size, num_workers=0, on_bad_sample="raise",
+        draw_subtitles=draw_subtitles, system_prompt=system_prompt, batch_size=batch_size, num_workers=0,
+        on_bad_sample="raise",
     )
     data.setup("fit")
     dataset = data.train_dataset

@@ -84,7 +84,6 @@ __all__ = [
     "completion_logps",
     "combine_rewards",
     "completion_mask",
-    "repeat_prompt_inputs",
     "reward_stats",
     "completion_length_stats",
 ]
@@ -109,11 +108,12 @@ class Rollout:
     prompt_mask: Tensor  # [N, P] long: 1 on real prompt tokens
     completion_ids: Tensor  # [N, L] long: sampled tokens, right-padded after the first EOS
     completion_mask: Tensor  # [N, L] long: 1 up to and including the first EOS (see completion_mask)
-    # Extra model inputs of the prompts, per prompt (not yet repeated G times), e.g.
-    # pixel_values_videos [sum of the B videos' patches, C*t*p*p], video_grid_thw [B, 3],
-    # second_per_grid_ts [B], mm_token_type_ids [B, P]. repeat_prompt_inputs(...) expands them to N rows;
-    # a token-aligned one (mm_token_type_ids) must also be padded with zeros over the L completion tokens.
-    vision_inputs: dict[str, Tensor] = field(default_factory=dict)
+    # The batch's own prompt tensors, per prompt (B rows, not repeated): input_ids, attention_mask,
+    # mm_token_type_ids [B, P], pixel_values_videos [sum of the B videos' patches, C*t*p*p], video_grid_thw
+    # [videos, 3], second_per_grid_ts [videos]. Read again only to re-encode the video when the vision
+    # tower trains; otherwise the features encoded once at rollout time (PromptVisuals) serve every pass.
+    prompt_inputs: dict[str, Tensor] = field(default_factory=dict)
+    mm_token_type_ids: Tensor | None = None  # [N, P]: 0 text, 1 image, 2 video (the 3-D rope needs it)
     rewards: dict[str, Tensor] = field(default_factory=dict)  # name -> [N] float, None-filled (combine_rewards)
     total_rewards: Tensor | None = None  # [N] float: weighted sum of `rewards`
     advantages: Tensor | None = None  # [N] float: group_advantages(total_rewards)
@@ -273,30 +273,6 @@ def completion_logps(
         tok = lg.gather(-1, targets[start : start + chunk_size].unsqueeze(-1)).squeeze(-1)  # [c, L]
         rows.append(tok - torch.logsumexp(lg, dim=-1))  # [c, L]
     return torch.cat(rows, dim=0)  # [N, L]
-
-
-def repeat_prompt_inputs(inputs: Mapping[str, Tensor], num_generations: int) -> dict[str, Tensor]:
-    """Repeat each prompt's model inputs G times (adjacent), ``B`` rows -> ``N`` rows.
-
-    Row-aligned tensors (``[B, ...]``: ids, masks, ``mm_token_type_ids``) repeat their rows. The packed
-    vision tensors repeat each prompt's block of patches, which needs exactly one video (and/or one image)
-    per prompt: ``pixel_values_videos [sum patches, D]`` with ``video_grid_thw [B, 3]`` and
-    ``second_per_grid_ts [B]``; likewise ``pixel_values`` with ``image_grid_thw``.
-    """
-    G = num_generations
-    packed = {"pixel_values_videos": "video_grid_thw", "pixel_values": "image_grid_thw"}
-    rows = next((v.shape[0] for k, v in inputs.items() if k in ("input_ids", "attention_mask")), None)
-    out: dict[str, Tensor] = {}
-    for key, value in inputs.items():
-        if key in packed:
-            grid = inputs[packed[key]]  # [B, 3]: (t, h, w) patches of each prompt's one video/image
-            if rows is not None and grid.shape[0] != rows:
-                raise ValueError(f"{key}: expected one visual per prompt ({rows}), got {grid.shape[0]}")
-            blocks = value.split(grid.prod(dim=-1).tolist(), dim=0)  # B x [patches_b, D]
-            out[key] = torch.cat([b for b in blocks for _ in range(G)], dim=0)  # [G * sum patches, D]
-        else:
-            out[key] = value.repeat_interleave(G, dim=0)  # [N, ...]
-    return out
 
 
 # ---- rewards -------------------------------------------------------------------------------------
@@ -536,8 +512,9 @@ def sample_completions(
     up_to_eos = completion_mask(completion_ids, eos_token_ids)  # [N, L]
     completion_ids = completion_ids.masked_fill(up_to_eos == 0, pad_token_id)  # [N, L]
     mask = completion_mask(completion_ids, eos_token_ids, mask_truncated)  # [N, L]
-    vision_inputs = {"mm_token_type_ids": extra["mm_token_type_ids"]} if "mm_token_type_ids" in extra else {}
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, vision_inputs=vision_inputs), visuals
+    rollout = Rollout(prompt_ids, prompt_mask, completion_ids, mask, prompt_inputs=dict(prompt),
+                      mm_token_type_ids=extra.get("mm_token_type_ids"))
+    return rollout, visuals
 
 
 def generation_token_ids(model: torch.nn.Module, tokenizer) -> tuple[list[int], int, list[int]]:
@@ -754,8 +731,8 @@ class GRPOModule(LightningModule):
         # Every completion position is attended to: tokens after EOS are padding that only the mask hides.
         mask = torch.cat([rollout.prompt_mask[sl], torch.ones_like(completion)], dim=1)  # [n, T]
         kwargs = visuals.for_rows(rows, self.hparams.num_generations)
-        if "mm_token_type_ids" in rollout.vision_inputs:
-            types = rollout.vision_inputs["mm_token_type_ids"][sl]  # [n, P]
+        if rollout.mm_token_type_ids is not None:
+            types = rollout.mm_token_type_ids[sl]  # [n, P]
             kwargs["mm_token_type_ids"] = torch.nn.functional.pad(types, (0, completion.shape[1]))  # [n, T]
         return completion_logps(
             model, ids, mask, completion.shape[1],
@@ -771,11 +748,11 @@ class GRPOModule(LightningModule):
         if self.hparams.beta == 0:
             return
         if self.ref_model is not None:
-            ref_visuals = encode_visuals(self.ref_model, self._prompt_tensors) if self.vision_trains else visuals
+            ref_visuals = encode_visuals(self.ref_model, rollout.prompt_inputs) if self.vision_trains else visuals
             rollout.ref_logps = self.sequence_logps(self.ref_model, rollout, everything, ref_visuals)
         else:
             with vm.adapters_disabled(self.model) as reference:
-                ref_visuals = encode_visuals(reference, self._prompt_tensors) if self.vision_trains else visuals
+                ref_visuals = encode_visuals(reference, rollout.prompt_inputs) if self.vision_trains else visuals
                 rollout.ref_logps = self.sequence_logps(reference, rollout, everything, ref_visuals)
 
     def policy_update(self, rollout: Rollout, visuals: PromptVisuals, batch: dict) -> dict[str, float]:
@@ -789,7 +766,7 @@ class GRPOModule(LightningModule):
                 rows = range(start, min(start + size, N))
                 sl = slice(rows.start, rows.stop)
                 if self.vision_trains:  # the vision tower learns: its features need gradients
-                    visuals = encode_visuals(self.model, self._prompt_tensors)
+                    visuals = encode_visuals(self.model, rollout.prompt_inputs)
                 logps = self.sequence_logps(self.model, rollout, rows, visuals)  # [n, L]
                 loss, loss_metrics = grpo_loss(
                     logps,
@@ -820,13 +797,6 @@ class GRPOModule(LightningModule):
         metrics["lr"].append(optimizer.param_groups[0]["lr"])  # the rate these updates used
         scheduler.step()
         return {key: sum(values) / len(values) for key, values in metrics.items()}
-
-    @property
-    def _prompt_tensors(self) -> dict[str, Tensor]:
-        return self._current_prompt  # the batch's own tensors, for re-encoding when the vision tower trains
-
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        self._current_prompt = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
 
     def clip_and_measure_gradients(self) -> Tensor:
         """Clip the global gradient norm to ``max_grad_norm``; returns the norm before clipping."""

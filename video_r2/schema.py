@@ -296,6 +296,7 @@ class Media:
     height: int  # source size
     width: int
     info: V.VideoInfo | None = None  # videos
+    decoder: Any = None  # videos: the torchcodec decoder that read `info`, reused to decode the frames
     frames: int = 1  # planned
     size: tuple[int, int] = (0, 0)  # planned (H, W), multiples of 28
 

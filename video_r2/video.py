@@ -119,7 +119,7 @@ class VideoInfo:
 
 def probe(path: str | Path) -> VideoInfo:
     """Duration and size of a video from its metadata, without decoding any frame."""
-    return _open(path)[1]
+    return open_video(path)[1]
 
 
 def plan_frames(duration: float, fps: float, max_frames: int, min_frames: int = 4) -> int:
@@ -199,14 +199,16 @@ def fit_size(
 
 
 def decode_frames(
-    path: str | Path, times: Sequence[float], size: tuple[int, int] | None = None
+    path: str | Path, times: Sequence[float], size: tuple[int, int] | None = None,
+    opened: tuple[VideoDecoder, VideoInfo] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Decode only the frames shown at ``times`` (seconds, inside the video).
 
     Returns uint8 frames ``[T, C, H, W]`` (resized to ``size`` = ``(H, W)`` when given) and each
     decoded frame's own presentation time, which is at or just before the asked-for time.
+    ``opened``: the ``open_video(path)`` of a caller that already opened it (to plan), so it is not opened twice.
     """
-    decoder, info = _open(path)
+    decoder, info = opened or open_video(path)
     outside = [t for t in times if not info.start <= t < info.end]
     if outside:  # a caller's mistake, not a damaged file: say so rather than raise VideoDecodeError
         raise ValueError(f"times {outside[:3]} lie outside {path}'s [{info.start:g}, {info.end:g}) s")
@@ -235,7 +237,7 @@ def sample_frames(
     Raises ``FileNotFoundError`` for a missing file and ``VideoDecodeError`` for one that cannot
     be decoded; both name the path.
     """
-    decoder, info = _open(path)
+    decoder, info = open_video(path)
     if num_frames is None:
         num_frames = plan_frames(info.duration, fps, max_frames, min_frames)
     frames, timestamps = _decode_at(decoder, path, sample_times(info.start, info.duration, num_frames))
@@ -279,7 +281,7 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
-def _open(path: str | Path) -> tuple[VideoDecoder, VideoInfo]:
+def open_video(path: str | Path) -> tuple[VideoDecoder, VideoInfo]:
     """A decoder on ``path`` and its header info.
 
     Approximate seek mode trusts the container's header (duration, frame rate) instead of scanning
