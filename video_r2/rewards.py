@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import jiwer
 from rouge_score import rouge_scorer
 
+from video_r2.formats import extract_answer, extract_think, option_letter, parse_timestamp_key
 from video_r2.judge import JudgeClient
 
 RewardValue = float | None
@@ -58,21 +59,6 @@ class Embedder(Protocol):
 
 _TAG_FREE = r"(?:(?!</?(?:think|answer)>).)*"  # text with no think/answer tag inside
 _FORMAT = re.compile(rf"\s*<think>{_TAG_FREE}</think>\s*<answer>{_TAG_FREE}</answer>\s*", flags=re.DOTALL)
-
-
-def _tag_text(text: str, tag: str) -> str | None:
-    match = re.search(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
-    return match.group(1).strip() if match else None
-
-
-def extract_answer(completion: str) -> str | None:
-    """The text inside `<answer>…</answer>`, stripped, or None if there is no such block."""
-    return _tag_text(completion, "answer")
-
-
-def extract_think(completion: str) -> str:
-    """The text inside `<think>…</think>`, stripped ("" if there is none)."""
-    return _tag_text(completion, "think") or ""
 
 
 def _reference_answer(sample: dict) -> str | None:
@@ -98,9 +84,6 @@ def _grounding(sample: dict) -> dict[str, str]:
 # Accuracy
 # ---------------------------------------------------------------------------------------------------
 
-# An option letter alone, or followed by ")", "." or ":" (and then perhaps the option text), or "(D)".
-# A letter followed by more letters ("Dog") or by a space and words ("A dog") is not an option.
-_OPTION = re.compile(r"\s*(?:\(([A-Za-z])\)|([A-Za-z])(?:[.):](?:\s.*)?)?)\s*", flags=re.DOTALL)
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _GROUPED_NUMBER = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")  # thousands separators: 1,234.5
 _NUMBER_TOKEN = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?")
@@ -120,14 +103,6 @@ _TYPE_ALIASES = {
     "open-ended": "free_form",
     "regression": "regression",
 }
-
-
-def option_letter(text: str) -> str | None:
-    """The option letter `text` names ("D", "D)", "d.", "(D)", "D) yellow"), upper-cased, or None."""
-    match = _OPTION.fullmatch(text)
-    if match is None:
-        return None
-    return (match.group(1) or match.group(2)).upper()
 
 
 def parse_number(text: str) -> float | None:
@@ -233,39 +208,6 @@ def score_answer(prediction: str, reference: str, question_type: str | None = No
 # ---------------------------------------------------------------------------------------------------
 # Timestamps and claim matching (pure: no judge, no model)
 # ---------------------------------------------------------------------------------------------------
-
-_TIME = re.compile(r"(\d+):(\d{1,2})(?::(\d{1,2}))?(?:[.,](\d+))?")
-_RANGE_SPLIT = re.compile(r"\s*(?:-|–|—|\bto\b)\s*", flags=re.IGNORECASE)
-
-
-def _seconds(text: str) -> float | None:
-    match = _TIME.fullmatch(text.strip())
-    if match is None:
-        return None
-    first, second, third, fraction = match.groups()
-    hours, minutes, seconds = (int(first), int(second), int(third)) if third else (0, int(first), int(second))
-    if seconds >= 60 or (third and minutes >= 60):
-        return None
-    return hours * 3600 + minutes * 60 + seconds + (float(f"0.{fraction}") if fraction else 0.0)
-
-
-def parse_timestamp_key(key: str) -> tuple[int, int] | None:
-    """A claim's time key as whole seconds `(start_s, end_s)`; None if it is not a usable time.
-
-    Accepts `MM:SS` and `HH:MM:SS`, a point or a range joined by `-`, `–`, `—` or `to`, optionally in
-    brackets. Decimal seconds are rounded half up; a reversed range is swapped. Plain numbers ("12"),
-    open ends ("00:10-end", "00:10+") and anything else give None.
-    """
-    text = key.strip().strip("[]()").strip()
-    parts = _RANGE_SPLIT.split(text)
-    if len(parts) > 2:
-        return None
-    times = [_seconds(part) for part in parts]
-    if any(t is None for t in times):
-        return None
-    start, end = (math.floor(t + 0.5) for t in (times[0], times[-1]))  # half up; round() is half even
-    return (start, end) if start <= end else (end, start)
-
 
 def _parse_events(claims: dict[str, str]) -> list[tuple[int, int, str]]:
     events = []

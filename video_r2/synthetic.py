@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from video_r2.formats import format_mmss as hms
+
 # name, shape, RGB. The shape differs with the colour so that claims about different segments are far
 # apart for the sentence embedder TAR uses (MiniLM cosine ~0.98 for the same claim, ~0.65 across shapes).
 EVENTS: list[tuple[str, str, tuple[int, int, int]]] = [
@@ -79,12 +81,6 @@ class Segment:
     def name(self) -> str:
         colour, shape, _ = EVENTS[self.event]
         return f"{colour} {shape}"
-
-
-def hms(seconds: float) -> str:
-    """MM:SS of whole seconds, the key format of `temporal_grounding`."""
-    s = int(seconds)
-    return f"{s // 60:02d}:{s % 60:02d}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from torchcodec.decoders import VideoDecoder
 
+from video_r2.formats import TIME_EPSILON as _TIME_EPSILON, format_hms
+
 __all__ = [
     "PATCH_FACTOR",
     "TEMPORAL_PATCH_SIZE",
@@ -71,7 +73,6 @@ DEFAULT_MIN_PIXELS = 56 * 56  # see the module docstring for why not Qwen's 128 
 DEFAULT_MAX_PIXELS = 360 * 420  # the recipe's video_max_pixels
 MAX_ASPECT_RATIO = 200  # Qwen's processor rejects anything more extreme; fail here with a clearer message
 
-_TIME_EPSILON = 1e-6  # pts are float products of integer ticks: 2.0 s may arrive as 1.9999999999999998
 
 
 class VideoDecodeError(RuntimeError):
@@ -427,18 +428,6 @@ _FONT_FRACTION = 0.05  # text height as a fraction of the frame's short side
 _MIN_FONT_PX = 8  # below this, digits stop being distinct even to the eye
 _SUBTITLE_MAX_HEIGHT = 0.4  # a long cue may cover at most this fraction of the frame
 _BOX_RGBA = (0, 0, 0, 160)  # semi-transparent black behind subtitles
-
-
-def format_hms(t: float) -> str:
-    """``HH:MM:SS`` of the whole seconds in ``t`` (floored: 59.999 -> ``00:00:59``).
-
-    A frame shown at 59.999 s has not reached second 60, and flooring is what a player's clock
-    shows. A microsecond of slack absorbs float error in pts (2.0 s arriving as 1.9999999999).
-    """
-    seconds = max(0, math.floor(t + _TIME_EPSILON))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours:02d}:{minutes:02d}:{seconds:02d}"
 
 
 def draw_timestamp(frame: torch.Tensor, t: float) -> torch.Tensor:
