@@ -190,3 +190,36 @@ def test_merge_lora_help(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert all(flag in text for flag in ("--base_model", "--lora_model", "--output_dir", "--overwrite"))
+
+
+@pytest.mark.parametrize("where", ["adapter", "inside_adapter", "parent_of_base", "base"])
+def test_refuses_output_that_overlaps_an_input_even_with_overwrite(tiny_demo, our_export, tmp_path, where):
+    from video_r2.merge_lora import merge_lora
+
+    export, _ = our_export
+    adapter, base = tmp_path / "adapter", tmp_path / "inputs" / "base"
+    shutil.copytree(export, adapter)
+    shutil.copytree(tiny_demo / "model", base)
+    out = {"adapter": adapter, "inside_adapter": adapter / "merged", "parent_of_base": base.parent,
+           "base": base}[where]
+    before = {p: p.read_bytes() for p in [*adapter.rglob("*"), *base.rglob("*")] if p.is_file()}
+    with pytest.raises(ValueError, match="overlaps the .* directory .* Choose a separate --output_dir"):
+        merge_lora(str(base), str(adapter), str(out), overwrite=True)
+    assert {p: p.read_bytes() for p in before} == before  # every input file is still there, unchanged
+
+
+def test_refuses_to_write_a_non_finite_merge(tiny_demo, our_export, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from video_r2.merge_lora import NonFiniteWeightsError, merge_lora
+
+    export, _ = our_export
+    bad = tmp_path / "adapter"
+    shutil.copytree(export, bad)
+    weights = load_file(bad / "adapter_model.safetensors")
+    name = next(k for k in weights if "lora_B" in k)
+    weights[name] = torch.full_like(weights[name], float("nan"))  # what a diverged SFT run exports
+    save_file(weights, bad / "adapter_model.safetensors")
+    with pytest.raises(NonFiniteWeightsError, match=r"non-finite .* lower the learning rate"):
+        merge_lora(str(tiny_demo / "model"), str(bad), str(tmp_path / "merged"))
+    assert not (tmp_path / "merged").exists()

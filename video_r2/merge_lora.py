@@ -46,8 +46,7 @@ def merge_lora(
     lora_dir, out = Path(lora_model), Path(output_dir)
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
-    if out.resolve() in (lora_dir.resolve(), Path(base_model).resolve()):
-        raise ValueError(f"output_dir {out} must differ from the base model and adapter directories")
+    _refuse_overlap(out, {"adapter": lora_dir, "base model": Path(base_model)})
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise FileExistsError(f"output_dir {out} is not empty; pass --overwrite true to replace its contents")
@@ -90,6 +89,7 @@ def merge_lora(
             lines.append(f"modules the adapter config targets but has no weights for: {_preview(missing)}")
         raise AdapterMismatchError(f"adapter {lora_dir} does not fit base {base_model}:\n  " + "\n  ".join(lines))
     merged = peft_model.merge_and_unload()
+    _refuse_non_finite(merged, lora_dir)
 
     print(f"[4/4] saving the merged model ({str(save_dtype).removeprefix('torch.')}) to {out}")
     if out.exists() and overwrite:
@@ -100,6 +100,36 @@ def merge_lora(
     print(f"merged checkpoint in {out} (processor from {processor_source})")
     print(f"next: use {out} as the model path of stage 2 (configs/grpo.yaml) or of `video-r2 evaluate`")
     return out
+
+
+class NonFiniteWeightsError(ValueError):
+    """The merged model holds NaN or infinite weights (the adapter was trained into divergence)."""
+
+
+def _refuse_overlap(out: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an output directory that is, contains or lies inside an input: --overwrite would delete it.
+
+    Only local inputs count; a hub id that is not a directory here cannot be overwritten.
+    """
+    target = out.resolve()
+    for role, path in inputs.items():
+        if not path.exists():
+            continue
+        source = path.resolve()
+        if target == source or target in source.parents or source in target.parents:
+            raise ValueError(
+                f"output_dir {out} overlaps the {role} directory {path} (it is, contains or lies inside it); "
+                "writing there would destroy an input, even with --overwrite. Choose a separate --output_dir."
+            )
+
+
+def _refuse_non_finite(model: torch.nn.Module, lora_dir: Path) -> None:
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"merging {lora_dir} gives non-finite (NaN/inf) weights in {len(bad)} tensors: {_preview(bad)}. "
+            "Nothing was written. The adapter diverged in training: lower the learning rate and train again."
+        )
 
 
 def _config_dtype(config) -> torch.dtype:
