@@ -46,16 +46,23 @@ def same_text(a, b):
         ("00:10 to 00:15", (10, 15)),
         ("[00:01:05 - 00:01:10]", (65, 70)),
         ("00:15-00:10", (10, 15)),  # reversed: swapped
-        ("00:03.5", (4, 4)),  # decimal seconds rounded half up
-        ("00:02.4-00:04.5", (2, 5)),
+        ("00:03.5", (4, 4)),  # Python's round: half to even
+        ("00:02.5", (2, 2)),
+        ("00:02.4-00:04.6", (2, 5)),
+        ("12", (12, 12)),  # plain seconds, as the original reads them
+        ("00:75", (75, 75)),  # seconds past 59, as the original reads them
+        ("12.6", (13, 13)),
+        ("00:10+", (10, 10)),  # a trailing "+" is ignored
+        ("0:05", (5, 5)),
     ],
 )
 def test_parse_timestamp_key_reads_points_and_ranges(key, span):
     assert parse_timestamp_key(key) == span
 
 
-@pytest.mark.parametrize("key", ["12", "12s", "00:10-end", "00:10+", "00:10-", "start", "00:75", "", "1:2:3:4"])
-def test_parse_timestamp_key_drops_plain_numbers_open_ends_and_junk(key):
+@pytest.mark.parametrize("key", ["12s", "00:10-end", "00:10-EOF", "00:10-", "start", "", "1:2:3:4", "00:01-00:02-00:03",
+                                 "-5", "nan"])
+def test_parse_timestamp_key_drops_open_ends_and_junk(key):
     assert parse_timestamp_key(key) is None
 
 
@@ -100,8 +107,35 @@ def test_similarity_threshold_is_inclusive():
 
 
 def test_score_is_matches_over_readable_predicted_claims():
-    predicted = {"00:03": "A blue triangle fills the screen.", "00:30": "A dog barks.", "12": "dropped", "00:01-end": "x"}
+    predicted = {"00:03": "A blue triangle fills the screen.", "00:30": "A dog barks.", "soon": "dropped",
+                 "00:01-end": "x"}
     assert match_claims(predicted, GROUNDING, same_text) == 0.5  # 1 of the 2 readable claims
+
+
+def test_claim_set_follows_the_original():
+    from video_r2.rewards import claim_set
+
+    claims = {"00:09": "late", "00:05": "first spelling", "0:05": "second spelling", "00:07": None, "00:08": "  ",
+              "00:00-00:10": "whole clip", "12": "plain seconds"}
+    # "0:05" and "00:05" are one claim (the later text wins); null and blank texts are dropped;
+    # the order is by span midpoint: 5, 5 (the range's midpoint, after the point: stable), 9, 12.
+    assert claim_set(claims) == [(5, 5, "second spelling"), (0, 10, "whole clip"), (9, 9, "late"),
+                                 (12, 12, "plain seconds")]
+
+
+def test_a_plain_seconds_claim_counts_in_tar():
+    # "at 12 seconds" normalised by a judge to "12": the original counts it; before it fell out of both sides.
+    reference = {"00:10-00:14": "A dog barks."}
+    assert match_claims({"12": "A dog barks.", "00:40": "A cat."}, reference, same_text) == 0.5
+
+
+def test_visiting_by_midpoint_decides_which_claim_takes_a_shared_event():
+    # Both claims overlap the one event; the point claim's midpoint (6) comes before the range's (7.5),
+    # so it is visited first and takes the event, even though the range starts earlier.
+    reference = {"00:05-00:08": "event"}
+    predicted = {"00:00-00:15": "range", "00:06": "point"}
+    sims = table({("range", "event"): 0.9, ("point", "event"): 0.8})
+    assert match_claims(predicted, reference, sims) == 0.5
 
 
 def test_empty_sides_score_zero_without_calling_similarity():
@@ -234,7 +268,17 @@ def test_tar_without_reference_grounding_is_zero_and_asks_nothing(context, judge
         ("(C)", "C) blue", None, 1.0),
         ("B) green", "C", None, 0.0),
         ("Dog", "D", None, 0.0),  # the original took any leading A-E as an option letter
-        ("D", "Dog", None, 0.0),  # and "Dog" as a reference is free-form, not option D
+        ("D", "Dog", None, 0.0),  # and "Dog" as a reference is not option D (it is OCR, as one word)
+        ("B", "B yellow", None, 1.0),  # "B yellow" names option B, as in the original
+        ("B yellow", "B", None, 1.0),
+        ("A dog", "B", None, 0.0),  # English, not option A
+        # inferred types, by the original's rules: one word is OCR (an exact answer scores 1)
+        ("Paris", "Paris", None, 1.0),
+        ("blue", "blue", None, 1.0),
+        ("red", "blue", None, 0.0),
+        ("STOP THERE NOW", "STOP HERE NOW", None, pytest.approx(2 / 3)),
+        # more than 3 decimals: regression, partial credit
+        ("3.4558", "3.14159", None, pytest.approx(1 - (3.4558 - 3.14159) / 3.14159)),
         ("Blue", "blue", "multiple choice", 1.0),  # a record that gives the option's text as the answer
         # numerical: equal to 2 decimals, thousands separators, decimal in one side only is wrong
         ("2", "2", "numerical", 1.0),
@@ -265,7 +309,11 @@ def test_score_answer_per_type(prediction, reference, kind, expected):
 
 def test_free_form_partial_overlap_is_the_mean_of_rouge_scores():
     # ROUGE-1 F 2/3 (2 of 3 words on each side), ROUGE-2 F 1/2, ROUGE-L F 2/3
-    assert score_answer("a red square", "a red circle") == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    assert score_answer("a red square", "a red circle", "free-form") == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    # Untyped, a short plain reference is OCR (1 - WER: one of three words wrong), as in the original;
+    # punctuation makes it free-form.
+    assert score_answer("a red square", "a red circle") == pytest.approx(2 / 3)
+    assert score_answer("a red square.", "a red circle.") == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
 
 
 def test_accuracy_reward_reads_the_answer_block_and_the_record_type():
@@ -286,16 +334,29 @@ def test_accuracy_reward_reads_the_answer_block_and_the_record_type():
     ("completion", "expected"),
     [
         ("<think>At 00:03 a blue triangle.</think><answer>C</answer>", 1.0),
-        ("  <think>a\nb</think>\n\n<answer>C</answer>\n", 1.0),
+        ("<think>a\nb</think>\n\n<answer>C</answer>", 1.0),
+        ("  <think>a</think><answer>C</answer>\n", 0.0),  # the original's fullmatch: nothing around
         ("<answer>C</answer><think>a</think>", 0.0),
         ("<think>a</think>", 0.0),
         ("<think>a</think><answer>C</answer> extra", 0.0),
-        ("<think>a</think><answer>C</answer><answer>D</answer>", 0.0),
-        ("<think>a<think>b</think><answer>C</answer>", 0.0),
+        ("<think>a</think><answer>C</answer><answer>D</answer>", 1.0),  # .*? may span tags, as in the original
+        ("<think>a<think>b</think><answer>C</answer>", 1.0),
     ],
 )
 def test_format_reward(completion, expected):
     assert get_reward("format")([completion], [{}], RewardContext()) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("  <think>a\nb</think>\n\n<answer>C</answer>\n", 1.0),
+        ("<think>a</think><answer>C</answer><answer>D</answer>", 0.0),
+        ("<think>a<think>b</think><answer>C</answer>", 0.0),
+    ],
+)
+def test_strict_format_reward(completion, expected):
+    assert get_reward("format")([completion], [{}], RewardContext(strict_format=True)) == [expected]
 
 
 def test_registry_and_compute_rewards():

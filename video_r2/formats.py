@@ -6,7 +6,7 @@ time the overlay draws is exactly a time the judge can parse back. Pure Python, 
 
 Timestamps:
     parse_clock("01:15.5") -> 75.5        MM:SS or HH:MM:SS with optional decimals, else None
-    parse_timestamp_key("00:05-00:09")    -> (5, 9), a claim key as whole seconds (see its docstring)
+    parse_timestamp_key("00:05-00:09")    -> (5, 9), a claim key as whole seconds, read as the original
     format_hms(75.9) -> "00:01:15"        the overlay's clock (floored, always HH:MM:SS)
     format_mmss(75) -> "01:15"            the synthetic task's `temporal_grounding` keys
     format_clock(75.5) -> "01:15.5"       the rules judge's normalised keys (hours only when needed)
@@ -58,21 +58,50 @@ def parse_clock(text: str) -> float | None:
     return hours * 3600 + minutes * 60 + seconds + (float(f"0.{fraction}") if fraction else 0.0)
 
 
+def _key_seconds(token: str) -> int | None:
+    """One end of a claim key as whole seconds, read as the original recipe reads it.
+
+    "00:42" and "1:02:03" (seconds may carry decimals and may exceed 59: "00:75" is 75 s), or plain
+    seconds "12"; the total is rounded with Python's `round` (half to even: 2.5 -> 2). A trailing
+    "+", "." or "," is ignored; "end", "EOF" and anything else give None.
+    """
+    text = token.strip().strip("+.,").lower()
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) not in (2, 3):
+            return None
+        try:
+            hours = int(parts[0]) if len(parts) == 3 else 0
+            minutes, seconds = int(parts[-2]), float(parts[-1])
+        except ValueError:
+            return None
+        return int(round(hours * 3600 + minutes * 60 + seconds))
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return int(round(float(text)))
+        except (ValueError, OverflowError):  # "nan", "inf" and words
+            return None
+
+
 def parse_timestamp_key(key: str) -> tuple[int, int] | None:
     """A claim's time key as whole seconds `(start_s, end_s)`; None if it is not a usable time.
 
-    Accepts `MM:SS` and `HH:MM:SS`, a point or a range joined by `-`, `–`, `—` or `to`, optionally in
-    brackets. Decimal seconds are rounded half up; a reversed range is swapped. Plain numbers ("12"),
-    open ends ("00:10-end", "00:10+") and anything else give None.
+    The original Video-R2 reading (its `sanitize_timestamps_dict`), so TAR counts the same claims: a
+    point or a range joined by `-`, `–`, `—` or `to`; each end as `_key_seconds` reads it ("12" is
+    12 s, "00:75" is 75 s, "00:03.5" rounds half to even); a reversed range is swapped; an open end
+    ("00:10-end", "00:10-") or a key of three parts gives None. Departure: surrounding brackets
+    ("[00:05]") are accepted, where the original dropped the claim.
     """
-    text = key.strip().strip("[]()").strip()
-    parts = _RANGE_SPLIT.split(text)
+    if not isinstance(key, str):
+        return None
+    parts = _RANGE_SPLIT.split(key.strip().strip("[]()").strip())
     if len(parts) > 2:
         return None
-    times = [parse_clock(part) for part in parts]
-    if any(t is None for t in times):
+    start, end = _key_seconds(parts[0]), _key_seconds(parts[-1])
+    if start is None or end is None:
         return None
-    start, end = (math.floor(t + 0.5) for t in (times[0], times[-1]))  # half up; round() is half even
     return (start, end) if start <= end else (end, start)
 
 
@@ -115,12 +144,20 @@ _OPTION = re.compile(r"\s*(?:\(([A-Za-z])\)|([A-Za-z])(?:[.):](?:\s.*)?)?)\s*", 
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.):]\s+(.+?)\s*$", re.MULTILINE)
 
 
+# "B yellow": a capital letter, a space, the option's text (as the original reads it). "A" and "I"
+# before a lower-case word are English ("A dog", "I think"), not options.
+_OPTION_SPACED = re.compile(r"\s*([A-H])\s+(\S).*", flags=re.DOTALL)
+
+
 def option_letter(text: str) -> str | None:
-    """The option letter `text` names ("D", "D)", "d.", "(D)", "D) yellow"), upper-cased, or None."""
+    """The option letter `text` names ("D", "D)", "d.", "(D)", "D) yellow", "B yellow"), upper-cased, or None."""
     match = _OPTION.fullmatch(text)
-    if match is None:
-        return None
-    return (match.group(1) or match.group(2)).upper()
+    if match is not None:
+        return (match.group(1) or match.group(2)).upper()
+    spaced = _OPTION_SPACED.fullmatch(text)
+    if spaced is not None and not (spaced.group(1) in "AI" and spaced.group(2).islower()):
+        return spaced.group(1)
+    return None
 
 
 def question_options(question: str | None) -> dict[str, str]:

@@ -57,8 +57,11 @@ class Embedder(Protocol):
 # Reading completions and records
 # ---------------------------------------------------------------------------------------------------
 
-_TAG_FREE = r"(?:(?!</?(?:think|answer)>).)*"  # text with no think/answer tag inside
-_FORMAT = re.compile(rf"\s*<think>{_TAG_FREE}</think>\s*<answer>{_TAG_FREE}</answer>\s*", flags=re.DOTALL)
+# The original's check: the whole completion is a think block, then whitespace, then an answer block.
+_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", flags=re.DOTALL)
+# `strict_format`: surrounding whitespace allowed, no think/answer tag nested inside either block.
+_TAG_FREE = r"(?:(?!</?(?:think|answer)>).)*"
+_STRICT_FORMAT = re.compile(rf"\s*<think>{_TAG_FREE}</think>\s*<answer>{_TAG_FREE}</answer>\s*", flags=re.DOTALL)
 
 
 def _reference_answer(sample: dict) -> str | None:
@@ -175,16 +178,26 @@ _SCORERS: dict[str, Callable[[str, str], float]] = {
 }
 
 
-def infer_question_type(reference: str) -> str:
-    """The question type a bare reference implies: an option letter, a number, else free-form.
+_OCR_REFERENCE = re.compile(r"[A-Za-z0-9\s\-:]+")
 
-    OCR and regression cannot be told from the reference alone; records of those kinds must say so.
+
+def infer_question_type(reference: str) -> str:
+    """The question type a bare reference implies, by the original recipe's rules in its order.
+
+    An option letter is multiple choice; a number is numerical, or regression when it has more than
+    3 decimals ("3.14159"); up to 5 words of letters, digits, spaces, "-" and ":" are OCR (scored by
+    word error rate, so an exact "Paris" gets 1); anything else is free-form. Departure: the original
+    took any reference starting with A-E as an option ("Dog" as option D); here only `option_letter`'s
+    forms are ("D", "D)", "(D)", "D. dog", "B yellow").
     """
-    if option_letter(reference) is not None:
+    text = reference.strip()
+    if option_letter(text) is not None:
         return "multiple_choice"
-    text = reference.strip().rstrip(".")
-    if _PLAIN_NUMBER.fullmatch(text) or _GROUPED_NUMBER.fullmatch(text):
-        return "numerical"
+    number = text.rstrip(".")
+    if _PLAIN_NUMBER.fullmatch(number) or _GROUPED_NUMBER.fullmatch(number):
+        return "regression" if "." in number and len(number.split(".")[-1]) > 3 else "numerical"
+    if len(text.split()) <= 5 and _OCR_REFERENCE.fullmatch(text):
+        return "ocr"
     return "free_form"
 
 
@@ -209,13 +222,21 @@ def score_answer(prediction: str, reference: str, question_type: str | None = No
 # Timestamps and claim matching (pure: no judge, no model)
 # ---------------------------------------------------------------------------------------------------
 
-def _parse_events(claims: dict[str, str]) -> list[tuple[int, int, str]]:
-    events = []
+def claim_set(claims: dict[str, Any]) -> list[tuple[int, int, str]]:
+    """The `(start_s, end_s, text)` claims TAR scores, in the order it visits them (as the original).
+
+    Keys `parse_timestamp_key` cannot read are dropped; two spellings of one time ("00:05", "0:05")
+    are one claim, the later text winning; claims whose text is empty or null are dropped (after that
+    merge, as in the original); the rest are sorted by their span's midpoint (stable on ties).
+    """
+    merged: dict[tuple[int, int], Any] = {}
     for key, text in claims.items():
         span = parse_timestamp_key(key)
         if span is not None:
-            events.append((*span, text))
-    return events
+            merged[span] = text
+    events = [(start, end, str(text).strip()) for (start, end), text in merged.items() if text is not None]
+    events = [event for event in events if event[2]]
+    return sorted(events, key=lambda event: (event[0] + event[1]) / 2)
 
 
 def match_claims(
@@ -227,14 +248,13 @@ def match_claims(
 ) -> float:
     """The fraction of predicted claims that match a reference event, in [0, 1].
 
-    Keys that `parse_timestamp_key` cannot read are dropped on both sides; 0 when either side is then
-    empty. Claims are visited in order of start time; each takes, among the reference events not used
+    Both sides become a `claim_set` (unreadable keys, empty texts and duplicate times dropped); 0 when
+    either side is then empty. Claims are visited in order of span midpoint; each takes, among the reference events not used
     yet whose spans overlap its own once both are widened by `buffer_seconds` on each side (touching
     counts), the most similar one with similarity >= `similarity_threshold` (the earliest on a tie).
     `similarity(a, b)` returns a `len(a) x len(b)` matrix.
     """
-    claims = sorted(_parse_events(predicted), key=lambda event: (event[0], event[1]))
-    events = sorted(_parse_events(reference), key=lambda event: (event[0], event[1]))
+    claims, events = claim_set(predicted), claim_set(reference)
     if not claims or not events:
         return 0.0
     scores = similarity([c[2] for c in claims], [e[2] for e in events])
@@ -314,6 +334,7 @@ class RewardContext:
     embedder: Embedder | None = None
     buffer_seconds: float = 2.0
     similarity_threshold: float = 0.75
+    strict_format: bool = False  # the format reward's stricter check (off: the original's fullmatch)
     counters: Counter[str] = field(default_factory=Counter)
 
     def metrics(self) -> dict[str, int]:
@@ -357,8 +378,13 @@ def compute_rewards(
 
 @register_reward("format")
 def format_reward(completions: list[str], samples: list[dict], context: RewardContext) -> list[RewardValue]:
-    """1 when the completion is exactly `<think>…</think>` then `<answer>…</answer>`, else 0."""
-    return [1.0 if _FORMAT.fullmatch(completion) else 0.0 for completion in completions]
+    """1 when the completion is exactly `<think>…</think>` then `<answer>…</answer>`, else 0.
+
+    The original's `re.fullmatch` by default; `context.strict_format` also allows surrounding
+    whitespace and refuses think/answer tags nested inside the blocks.
+    """
+    pattern = _STRICT_FORMAT if context.strict_format else _FORMAT
+    return [1.0 if pattern.fullmatch(completion) else 0.0 for completion in completions]
 
 
 @register_reward("accuracy")
