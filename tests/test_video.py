@@ -284,19 +284,41 @@ def test_drawn_time_text_is_the_floor_of_the_frame_time():
     assert not torch.equal(draw_timestamp(frame, 59.999), draw_timestamp(frame, 60.0))
 
 
-def test_timestamp_size_follows_the_short_side():
-    small, large = grey_frame(112, 196), grey_frame(448, 784)
-    small_h = changed_box(small, draw_timestamp(small, 5.0))[1]
-    large_h = changed_box(large, draw_timestamp(large, 5.0))[1]
-    assert 3 <= large_h / small_h <= 5  # about 5% of the short side at both sizes
+def test_timestamp_size_follows_the_short_side_within_the_originals_clamp():
+    def text_height(frame):
+        top, bottom, _, _ = changed_box(frame, draw_timestamp(frame, 5.0))
+        return bottom - top + 1
+
+    # 5% of the short side: 20 px at 400, 60 px at 1200; clamped to 16 px on a tiny frame.
+    small, large, tiny = grey_frame(400, 700), grey_frame(1200, 2000), grey_frame(112, 196)
+    assert 2.6 <= text_height(large) / text_height(small) <= 3.4
+    assert 14 <= text_height(tiny) <= 20  # the 16 px floor (digits plus stroke), not 5.6 px
+
+
+def _text_colour_counts(frame, drawn):
+    changed = (frame != drawn).any(dim=0)
+    r, g, b = (drawn[c][changed].int() for c in range(3))
+    red = ((r > 200) & (g < 60) & (b < 60)).sum().item()
+    white = ((r > 200) & (g > 200) & (b > 200)).sum().item()
+    return red, white
+
+
+def test_timestamp_is_red_on_a_light_frame_and_white_on_a_dark_or_red_one():
+    light = torch.full((3, 240, 320), 200, dtype=torch.uint8)
+    red, white = _text_colour_counts(light, draw_timestamp(light, 5.0))
+    assert red > 50 and white == 0
+    for background in (torch.full((3, 240, 320), 20, dtype=torch.uint8),
+                       torch.stack([torch.full((240, 320), v, dtype=torch.uint8) for v in (200, 40, 40)])):
+        red, white = _text_colour_counts(background, draw_timestamp(background, 5.0))
+        assert white > 50 and red == 0
 
 
 def test_subtitle_is_drawn_at_the_bottom_centre_wrapped_to_the_width():
-    frame = grey_frame()
-    drawn = draw_subtitle(frame, "a fairly long subtitle that cannot possibly fit on one line here")
+    frame = grey_frame(360, 640)  # the original's 20 px floor leaves a tiny frame room for one line only
+    drawn = draw_subtitle(frame, "a fairly long subtitle that cannot possibly fit on one line of this frame here")
     top, bottom, left, right = changed_box(frame, drawn)
-    assert top > 112 // 2 and bottom < 112 and left > 0 and right < 195
-    assert abs((left + right) / 2 - 195 / 2) <= 2  # centred
+    assert top > 360 // 2 and bottom < 360 and left > 0 and right < 639
+    assert abs((left + right) / 2 - 639 / 2) <= 2  # centred
     # Wrapped: the changed area is more than one text line tall.
     one_line = changed_box(frame, draw_subtitle(frame, "short"))
     assert (bottom - top) > 1.5 * (one_line[1] - one_line[0])

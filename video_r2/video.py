@@ -424,10 +424,16 @@ def _warn_cue(path: Path, line_number: int, reason: str) -> None:
 # Overlays (drawn after resizing, so their size is relative to what the model sees)
 # --------------------------------------------------------------------------------------------
 
-_FONT_FRACTION = 0.05  # text height as a fraction of the frame's short side
-_MIN_FONT_PX = 8  # below this, digits stop being distinct even to the eye
+# The original recipe's overlay style (its qwen_vl_utils fork), so a released checkpoint reads the
+# text it was trained on: DejaVu Sans; time at 5% of the short side clamped to 16-72 px, red, or white
+# where the corner is dark or red; subtitles at 6% clamped to 20-96 px, white, on a box of alpha 0.55;
+# both with a thin black stroke.
+_TIME_FONT = (0.05, 16, 72)  # (fraction of the short side, min px, max px)
+_SUBTITLE_FONT = (0.06, 20, 96)
 _SUBTITLE_MAX_HEIGHT = 0.4  # a long cue may cover at most this fraction of the frame
-_BOX_RGBA = (0, 0, 0, 160)  # semi-transparent black behind subtitles
+_SUBTITLE_WIDTH = 0.90  # wrap subtitles to 90% of the frame's width
+_BOX_RGBA = (0, 0, 0, int(255 * 0.55))  # semi-transparent black behind subtitles
+_RED, _WHITE = (255, 0, 0), (255, 255, 255)
 
 
 def draw_timestamp(frame: torch.Tensor, t: float) -> torch.Tensor:
@@ -472,43 +478,63 @@ def overlay_frames(
     return torch.stack(out)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=1)
+def _font_path() -> str:
+    # matplotlib (a dependency already) ships DejaVu Sans: the original's font, nothing downloaded.
+    import matplotlib
+
+    return str(Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf")
+
+
+@functools.lru_cache(maxsize=64)
 def _font(size: int) -> ImageFont.FreeTypeFont:
-    # Pillow's built-in scalable font: no font file to ship or find on the user's machine.
-    return ImageFont.load_default(size=size)
+    return ImageFont.truetype(_font_path(), size)
 
 
-def _font_size(image: Image.Image) -> int:
-    return max(_MIN_FONT_PX, round(_FONT_FRACTION * min(image.size)))
+def _font_size(image: Image.Image, style: tuple[float, int, int]) -> int:
+    fraction, low, high = style
+    return max(low, min(high, round(min(image.size) * fraction)))
+
+
+def _time_colour(image: Image.Image) -> tuple[int, int, int]:
+    """Red, or white where the top-left patch (up to 40 x 200 px) is dark or red: the original's rule."""
+    width, height = image.size
+    patch = np.asarray(image.crop((0, 0, min(200, width), min(40, height))), dtype=np.float32)
+    r, g, b = (float(patch[..., c].mean()) for c in range(3))
+    dark = 0.2126 * r + 0.7152 * g + 0.0722 * b < 80.0  # perceptual luminance
+    reddish = r > 120.0 and r - max(g, b) > 40.0
+    return _WHITE if dark or reddish else _RED
 
 
 def _draw_time_text(image: Image.Image, text: str) -> None:
-    size = _font_size(image)
-    stroke = max(1, round(size / 8))  # a dark outline keeps white digits legible on white frames
-    margin = stroke + max(1, size // 4)
+    size = _font_size(image, _TIME_FONT)
+    margin = max(5, size // 4)
     ImageDraw.Draw(image).text(
-        (margin, margin), text, font=_font(size), fill=(255, 255, 255),
-        stroke_width=stroke, stroke_fill=(0, 0, 0), anchor="lt",
+        (margin, margin), text, font=_font(size), fill=_time_colour(image),
+        stroke_width=max(1, size // 12), stroke_fill=(0, 0, 0),
     )
 
 
 def _draw_subtitle_text(image: Image.Image, text: str) -> None:
-    size = _font_size(image)
+    size = _font_size(image, _SUBTITLE_FONT)
     width, height = image.size
-    pad = max(1, size // 4)
-    line_height = round(size * 1.25)
+    margin = max(6, int(size * 0.25))
+    gap = int(0.2 * size)  # between lines
+    line_height = size + gap
     max_lines = max(1, int(_SUBTITLE_MAX_HEIGHT * height) // line_height)
-    lines = _wrap(text, size, width - 4 * pad, max_lines)
-    box_height = len(lines) * line_height + 2 * pad
-    widest = max(_font(size).getlength(line) for line in lines)
-    box_left = max(0, round((width - widest) / 2) - pad)
-    box_top = height - box_height - pad
+    lines = _wrap(text, size, int(width * _SUBTITLE_WIDTH), max_lines)
+    font = _font(size)
+    widest = max(font.getlength(line) for line in lines)
+    text_height = len(lines) * size + gap * (len(lines) - 1)
+    box_left = max(0, round((width - widest) / 2) - margin)
+    box_bottom = height - margin
+    box_top = max(0, box_bottom - text_height - 2 * margin)
     draw = ImageDraw.Draw(image, "RGBA")  # RGBA mode blends the box's alpha onto the RGB frame
-    draw.rectangle((box_left, box_top, width - 1 - box_left, height - 1 - pad), fill=_BOX_RGBA)
+    draw.rectangle((box_left, box_top, min(width, box_left + widest + 2 * margin), box_bottom), fill=_BOX_RGBA)
     for i, line in enumerate(lines):
         draw.text(
-            (width / 2, box_top + pad + i * line_height), line, font=_font(size),
-            fill=(255, 255, 255), anchor="mt",
+            (width / 2, box_top + margin + i * line_height), line, font=font, fill=_WHITE, anchor="mt",
+            stroke_width=max(1, size // 12), stroke_fill=(0, 0, 0),
         )
 
 
