@@ -51,6 +51,38 @@ def _usage() -> str:
     return _USAGE.format(utilities=lines)
 
 
+_RUN_MARKERS = ("config.yaml", "checkpoints", "hf")  # what a fit leaves in its log directory
+
+
+def refuse_existing_run(log_dir: str | None, ckpt_path: str | None, overwrite_run: bool) -> None:
+    """Stop a fit that would write into another run's directory (its config, checkpoints and exports
+    would be replaced and its TensorBoard curves mixed with the new ones).
+
+    Allowed: an empty or new directory, resuming from a checkpoint inside that directory, or
+    `--overwrite_run true`, which deletes the old run first so nothing of it is mixed in.
+    """
+    import shutil
+    from pathlib import Path
+
+    if not log_dir or not Path(log_dir).is_dir():
+        return
+    run = Path(log_dir).resolve()
+    found = [name for name in _RUN_MARKERS if (run / name).exists()]
+    if not found:
+        return
+    if ckpt_path and run in Path(ckpt_path).resolve().parents:
+        return  # resuming this very run
+    if overwrite_run:
+        print(f"--overwrite_run: deleting the previous run in {run}")
+        shutil.rmtree(run)
+        return
+    raise SystemExit(
+        f"video-r2: {log_dir} already holds a run ({', '.join(found)}). Pick another "
+        "--trainer.logger.init_args.name/version, resume it with --ckpt_path "
+        f"{Path(log_dir) / 'checkpoints' / 'last.ckpt'}, or pass --overwrite_run true to delete it first."
+    )
+
+
 def run_lightning_cli(args: list[str]) -> None:
     """Build LightningCLI over our modules; `args` starts with the subcommand (fit, validate, ...)."""
     from lightning.pytorch import LightningModule
@@ -58,7 +90,18 @@ def run_lightning_cli(args: list[str]) -> None:
 
     from video_r2.data import VideoDataModule
 
-    LightningCLI(
+    class VideoR2CLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--overwrite_run", type=bool, default=False,
+                                help="delete a previous run in the log directory instead of refusing to start")
+
+        def before_fit(self) -> None:
+            if self.trainer.global_rank != 0:  # rank 0 decides; the others may start after it wrote config.yaml
+                return
+            config = self.config[self.subcommand]
+            refuse_existing_run(self.trainer.log_dir, config.get("ckpt_path"), bool(config.get("overwrite_run")))
+
+    VideoR2CLI(
         LightningModule,
         VideoDataModule,
         subclass_mode_model=True,  # model.class_path: video_r2.sft.SFTModule | video_r2.grpo.GRPOModule
