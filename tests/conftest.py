@@ -38,7 +38,8 @@ class ScriptedJudgeServer(ThreadingHTTPServer):
 
     `reply(messages, n)` gets the request's messages and its 0-based arrival number and returns
     `(status, content, delay_s)`: the server waits `delay_s`, then answers `content` as the assistant
-    message (status 200) or as an error body (any other status). Every request's messages are kept in
+    message (status 200) or as an error body (any other status); `content` as bytes is sent as a raw
+    HTML body, as a dict as the whole JSON body (to script malformed completions). Every request's messages are kept in
     `requests`; `max_in_flight` is the most requests it held at once.
     """
 
@@ -75,6 +76,16 @@ class _JudgeHandler(BaseHTTPRequestHandler):
         except OSError:
             pass  # the client gave up (timeout) and closed the connection
 
+    def _send_raw(self, status: int, body: bytes) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass
+
     def do_GET(self) -> None:
         self._send(200, {"status": "ok"})
 
@@ -92,6 +103,12 @@ class _JudgeHandler(BaseHTTPRequestHandler):
         finally:
             with server.lock:
                 server.in_flight -= 1
+        if isinstance(content, bytes):  # a raw body, as a misconfigured proxy or web server answers
+            self._send_raw(status, content)
+            return
+        if isinstance(content, dict):  # a JSON body of the test's own making (malformed completions)
+            self._send(status, content)
+            return
         if status != 200:
             self._send(status, {"error": {"message": content, "type": "server_error"}})
             return

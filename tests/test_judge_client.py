@@ -165,6 +165,7 @@ def test_identical_prompts_are_judged_once_in_flight_and_from_the_cache(judge_se
     assert len(judge_server.requests) == 1
     assert client.counters() == {
         "judge/requests": 10, "judge/calls": 1, "judge/cache_hits": 9, "judge/failures": 0, "judge/unparsed": 0,
+        "judge/malformed": 0, "judge/auth_failures": 0,
     }
     client.close()
 
@@ -229,3 +230,36 @@ def test_a_copy_of_a_used_client_works_on_its_own(judge_server):
     assert twin.counters()["judge/calls"] == 2 and len(judge_server.requests) == 2
     client.close()
     twin.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html><body>502 Bad Gateway</body></html>",  # a proxy's page with status 200
+        {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop"}]},  # no message
+        {"id": "x", "object": "chat.completion", "choices": []},
+        {"unexpected": "shape"},
+    ],
+)
+def test_a_reply_that_is_not_a_chat_completion_is_a_counted_failure_naming_the_url(judge_server, body):
+    judge_server.reply = lambda messages, n: (200, body, 0)
+    client = client_for(judge_server.base_url, retries=0)
+    before = client.counters()
+
+    assert asyncio.run(client.extract_claims(THINK)) is None  # no crash deep inside the reward
+    assert client.counters()["judge/failures"] == 1
+    with pytest.raises(JudgeUnavailableError) as error:
+        client.check_failure_rate(since=before)
+    assert judge_server.base_url in str(error.value)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_key_is_reported_as_an_authentication_error(judge_server, status):
+    judge_server.reply = lambda messages, n: (status, "invalid api key", 0)
+    client = client_for(judge_server.base_url, retries=0)
+    before = client.counters()
+
+    assert asyncio.run(client.check_consistency("q", THINK, "B")) is None
+    with pytest.raises(JudgeUnavailableError, match="refused authentication .*OPENAI_API_KEY") as error:
+        client.check_failure_rate(since=before)
+    assert "health" not in str(error.value)  # /health needs no key: checking it would not help

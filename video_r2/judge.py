@@ -238,6 +238,7 @@ class JudgeClient:
         # requests: judgements asked for; calls: HTTP requests actually made (retries inside one call
         # are the openai client's and not counted); cache_hits include identical in-flight requests.
         self.counts: Counter[str] = Counter()
+        self.last_error: str | None = None  # the latest failed call, with the URL, for the error message
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._background: _BackgroundLoop | None = None
         self._lock = threading.Lock()
@@ -277,7 +278,7 @@ class JudgeClient:
 
     def counters(self) -> dict[str, int]:
         """Cumulative counts for logging: judge/requests, judge/calls, judge/cache_hits, judge/failures."""
-        names = ("requests", "calls", "cache_hits", "failures", "unparsed")
+        names = ("requests", "calls", "cache_hits", "failures", "unparsed", "malformed", "auth_failures")
         return {f"judge/{name}": int(self.counts[name]) for name in names}
 
     @property
@@ -291,11 +292,17 @@ class JudgeClient:
         now = self.counters()
         requests = now["judge/requests"] - since.get("judge/requests", 0)
         failures = now["judge/failures"] - since.get("judge/failures", 0)
+        if now["judge/auth_failures"] > since.get("judge/auth_failures", 0):
+            raise JudgeUnavailableError(
+                f"The TAR judge at {self.base_url} refused authentication (401/403): set OPENAI_API_KEY (or the "
+                "judge's api_key) to the key the judge server was started with (`--api-key`)."
+            )
         if requests and failures / requests > self.max_failure_fraction:
+            detail = f" Last error: {self.last_error}." if self.last_error else ""
             raise JudgeUnavailableError(
                 f"The TAR judge at {self.base_url} (model {self.model!r}) gave no usable answer to "
                 f"{failures} of {requests} requests in this step (limit {self.max_failure_fraction:.0%}). "
-                f"Check that the server is up and serves that model: {self.health_hint}"
+                f"Check that the server is up and serves that model: {self.health_hint}.{detail}"
             )
 
     def close(self) -> None:
@@ -375,8 +382,24 @@ class JudgeClient:
                 response = await state.client.chat.completions.create(
                     model=self.model, messages=messages, temperature=0.0, max_tokens=max_tokens
                 )
-            except (openai.APIError, ValueError):  # refused, timed out, 4xx/5xx after retries, not JSON
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:  # 401 / 403
+                self.counts["auth_failures"] += 1
+                self.last_error = f"{self.base_url} refused the key ({e.status_code})"
                 return None
-        if not response.choices:
+            except (openai.APIError, ValueError) as e:  # refused, timed out, 4xx/5xx after retries, not JSON
+                self.last_error = f"{self.base_url}: {type(e).__name__}: {str(e)[:200]}"
+                return None
+        return self._reply_text(response)
+
+    def _reply_text(self, response: Any) -> str | None:
+        """The first choice's text, or None (a counted failure) for anything that is not a chat completion:
+        an HTML or plain-text body, no choices, a choice without a message, a non-text content."""
+        choices = getattr(response, "choices", None)
+        message = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
+        content = getattr(message, "content", None) if message is not None else None
+        if message is None or not (content is None or isinstance(content, str)):
+            self.counts["malformed"] += 1
+            self.last_error = (f"{self.base_url} answered with something that is not a chat completion: "
+                               f"{str(response)[:120]!r}")
             return None
-        return response.choices[0].message.content or ""
+        return content or ""
