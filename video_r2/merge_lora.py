@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from video_r2.model import NonFiniteWeightsError  # noqa: F401  (raised here; importable from this command)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,7 +91,7 @@ def merge_lora(
             lines.append(f"modules the adapter config targets but has no weights for: {_preview(missing)}")
         raise AdapterMismatchError(f"adapter {lora_dir} does not fit base {base_model}:\n  " + "\n  ".join(lines))
     merged = peft_model.merge_and_unload()
-    _refuse_non_finite(merged, lora_dir)
+    vm.check_finite(merged.state_dict(), f"merging {lora_dir} into {base_model}")
 
     print(f"[4/4] saving the merged model ({str(save_dtype).removeprefix('torch.')}) to {out}")
     if out.exists() and overwrite:
@@ -100,10 +102,6 @@ def merge_lora(
     print(f"merged checkpoint in {out} (processor from {processor_source})")
     print(f"next: use {out} as the model path of stage 2 (configs/grpo.yaml) or of `video-r2 evaluate`")
     return out
-
-
-class NonFiniteWeightsError(ValueError):
-    """The merged model holds NaN or infinite weights (the adapter was trained into divergence)."""
 
 
 def _refuse_overlap(out: Path, inputs: dict[str, Path]) -> None:
@@ -121,15 +119,6 @@ def _refuse_overlap(out: Path, inputs: dict[str, Path]) -> None:
                 f"output_dir {out} overlaps the {role} directory {path} (it is, contains or lies inside it); "
                 "writing there would destroy an input, even with --overwrite. Choose a separate --output_dir."
             )
-
-
-def _refuse_non_finite(model: torch.nn.Module, lora_dir: Path) -> None:
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise NonFiniteWeightsError(
-            f"merging {lora_dir} gives non-finite (NaN/inf) weights in {len(bad)} tensors: {_preview(bad)}. "
-            "Nothing was written. The adapter diverged in training: lower the learning rate and train again."
-        )
 
 
 def _config_dtype(config) -> torch.dtype:

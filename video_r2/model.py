@@ -352,6 +352,21 @@ def gather_state_dict(model: nn.Module, trainable_only: bool) -> dict[str, torch
     return out
 
 
+class NonFiniteWeightsError(ValueError):
+    """Weights that hold NaN or infinity: a diverged run. They are never exported or merged."""
+
+
+def check_finite(state: dict, what: str) -> None:
+    """Raise `NonFiniteWeightsError` naming the tensors of `state` that hold NaN or infinity."""
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise NonFiniteWeightsError(
+            f"{what}: {len(bad)} tensors hold NaN/inf ({', '.join(bad[:5])}{more}); nothing was written. "
+            "Training diverged: lower the learning rate and resume from an earlier checkpoint or train again."
+        )
+
+
 def export_hf(model: nn.Module, processor, out_dir: str | Path, rank: int = 0) -> Path | None:
     """Write the HF export of `model` (see the module docstring). Collective: call on every rank.
 
@@ -364,6 +379,7 @@ def export_hf(model: nn.Module, processor, out_dir: str | Path, rank: int = 0) -
         state = gather_state_dict(model, trainable_only=True)
         if rank != 0:
             return None
+        check_finite(state, f"HF export to {out_dir}")
         out_dir.mkdir(parents=True, exist_ok=True)
         # PEFT's own writer: adapter_config.json + adapter_model.safetensors, from the gathered tensors.
         model.save_pretrained(str(out_dir), state_dict=state)
@@ -376,6 +392,7 @@ def export_hf(model: nn.Module, processor, out_dir: str | Path, rank: int = 0) -
         state = gather_state_dict(model, trainable_only=False)
         if rank != 0:
             return None
+        check_finite(state, f"HF export to {out_dir}")
         from huggingface_hub import save_torch_state_dict
 
         out_dir.mkdir(parents=True, exist_ok=True)

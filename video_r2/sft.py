@@ -34,6 +34,10 @@ from lightning.pytorch import LightningModule
 
 from video_r2 import model as vm
 from video_r2.model import LoraConfigArgs, ModelConfig
+
+
+class NonFiniteStepError(RuntimeError):
+    """Raised after `max_bad_steps` consecutive SFT updates whose loss or gradients were not finite."""
 from video_r2.training import as_dataclass, build_optimizer, export_final, plain_hparams, save_trainable_checkpoint
 
 
@@ -59,6 +63,7 @@ class SFTModule(LightningModule):
         eps: AdamW epsilon.
         export_dir: where the final HF export goes (default: `<log_dir>/hf/final`).
         export_on_checkpoint: also export to `<log_dir>/hf/step-N` whenever a checkpoint is saved.
+        max_bad_steps: this many non-finite updates in a row stop the run (each one is skipped and counted).
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class SFTModule(LightningModule):
         eps: float = 1e-8,
         export_dir: str | None = None,
         export_on_checkpoint: bool = True,
+        max_bad_steps: int = 3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -86,6 +92,10 @@ class SFTModule(LightningModule):
         self.betas, self.eps = tuple(betas), eps
         self.export_dir = export_dir
         self.export_on_checkpoint = export_on_checkpoint
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps_in_a_row = 0
+        self.bad_steps_total = 0
+        self._loss_skipped = False
         self.model: torch.nn.Module | None = None
         self.processor = None
         # Checkpoints may leave out the frozen base weights (see on_save_checkpoint).
@@ -118,9 +128,13 @@ class SFTModule(LightningModule):
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self(**batch).loss
         bs = batch["input_ids"].shape[0]
+        if self._any_rank(~torch.isfinite(loss.detach())):
+            self._skip_bad_update(f"loss {loss.item()}", batch)
+            self._loss_skipped = True  # on_before_optimizer_step still runs (without gradients): leave the count
+            return None  # Lightning skips backward and the optimizer step of this batch
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True, batch_size=bs)
         for i, group in enumerate(self.optimizers().param_groups):
             if group.get("name", "llm") == "llm" or i == 0:
@@ -142,7 +156,41 @@ class SFTModule(LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("train/grad_norm", self._grad_norm(), on_step=True, on_epoch=False, batch_size=1)
+        if self._loss_skipped:
+            self._loss_skipped = False
+            return
+        grad_norm = self._grad_norm()
+        if not torch.isfinite(grad_norm):  # the same value on every rank: the norm is reduced
+            for p in self.model.parameters():
+                p.grad = None  # AdamW skips parameters without a gradient: this step changes nothing
+            self._skip_bad_update(f"grad norm {grad_norm.item()}", None)
+            return
+        self.bad_steps_in_a_row = 0
+        self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False, batch_size=1)
+
+    def _any_rank(self, flag: torch.Tensor) -> bool:
+        """True if `flag` is set on any rank, so every rank skips the same step (DDP would hang otherwise)."""
+        flag = flag.to(self.device, torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _skip_bad_update(self, what: str, batch: dict | None) -> None:
+        """Skip a non-finite update, count and log it, and stop after `max_bad_steps` in a row."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        self.bad_steps_in_a_row += 1
+        self.bad_steps_total += 1
+        self.log("train/bad_updates_total", float(self.bad_steps_total), on_step=True, on_epoch=False, batch_size=1)
+        ids = [] if batch is None else list(batch.get("ids", batch.get("sample_ids", [])))
+        rank_zero_warn(f"step {self.global_step}: skipped an update with non-finite {what} (samples {ids}); "
+                       f"{self.bad_steps_in_a_row} in a row, {self.bad_steps_total} in total")
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise NonFiniteStepError(
+                f"{self.bad_steps_in_a_row} SFT updates in a row had a non-finite {what.split()[0]} "
+                f"({self.bad_steps_total} in total); nothing is exported. Lower lr (now {self.lr}), check the "
+                "precision, or resume from the last good checkpoint with --ckpt_path."
+            )
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the gradients (before clipping), whatever the strategy."""
