@@ -38,3 +38,15 @@ def test_print_config_validates_without_building_anything(config):
     assert printed["model"]["class_path"].split(".")[-1] == written["model"]["class_path"].split(".")[-1]
     assert printed["trainer"]["max_steps"] == written["trainer"].get("max_steps", printed["trainer"]["max_steps"])
     assert "Loading weights" not in out.stderr + out.stdout  # nothing was loaded
+
+
+def test_the_recipe_configs_carry_the_originals_values():
+    sft = yaml.safe_load((REPO / "configs/sft.yaml").read_text())
+    grpo = yaml.safe_load((REPO / "configs/grpo.yaml").read_text())
+    for cfg in (sft, grpo):
+        assert cfg["data"]["system_prompt"] == "You are a helpful assistant."  # both stages, as the original
+        assert cfg["data"]["video_min_pixels"] == 128 * 28 * 28 and cfg["data"]["video_max_pixels"] == 360 * 420
+    sampling = grpo["model"]["init_args"]
+    assert (sampling["temperature"], sampling["top_k"], sampling["num_generations"]) == (0.9, 50, 8)
+    assert (sft["data"]["fps"], sft["data"]["max_frames"], grpo["data"]["fps"], grpo["data"]["max_frames"]) == (
+        1.0, 128, 2.0, 32)
