@@ -77,3 +77,21 @@ def test_fit_cli_refuses_a_second_run_into_the_same_directory(tiny_demo, tmp_pat
     assert (run / "config.yaml").read_text() == config
     assert (run / "hf" / "final" / "adapter_model.safetensors").read_bytes() == exported
     assert not list((run / "checkpoints").glob("last-v*.ckpt"))
+
+
+@pytest.mark.parametrize("where", ["backbone", "inside_backbone", "parent_of_backbone"])
+def test_an_export_dir_over_the_starting_model_is_refused_before_anything_is_built(tiny_demo, tmp_path, where):
+    import shutil
+
+    from video_r2.model import ModelConfig
+    from video_r2.sft import SFTModule
+
+    backbone = tmp_path / "models" / "start"
+    shutil.copytree(tiny_demo / "model", backbone)
+    export = {"backbone": backbone, "inside_backbone": backbone / "hf", "parent_of_backbone": backbone.parent}[where]
+    before = {p: p.read_bytes() for p in backbone.rglob("*") if p.is_file()}
+    module = SFTModule(backbone=ModelConfig(name_or_path=str(backbone)), export_dir=str(export))
+    with pytest.raises(ValueError, match=r"export_dir .* overlaps the backbone \(and reference\) directory"):
+        module.configure_model()
+    assert module.model is None  # refused before the model was loaded
+    assert {p: p.read_bytes() for p in before} == before

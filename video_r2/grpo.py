@@ -75,7 +75,8 @@ from video_r2 import model as vm
 from video_r2.judge import JudgeClient
 from video_r2.model import LoraConfigArgs, ModelConfig
 from video_r2.rewards import RewardContext, compute_rewards, get_reward
-from video_r2.training import as_dataclass, build_optimizer, export_final, plain_hparams, save_trainable_checkpoint
+from video_r2.training import (as_dataclass, build_optimizer, check_export_dir, export_final, plain_hparams,
+                               save_trainable_checkpoint)
 
 __all__ = [
     "Rollout",
@@ -649,6 +650,7 @@ class GRPOModule(LightningModule):
 
     def configure_model(self) -> None:
         """Build policy (and reference) here, not in __init__, so FSDP can shard them as they are built."""
+        check_export_dir(self)  # before anything is built: fail in seconds, not at the end of the run
         if self.model is not None:
             return
         precision = self.trainer.precision if self._trainer is not None else "32-true"

@@ -48,7 +48,7 @@ def merge_lora(
     lora_dir, out = Path(lora_model), Path(output_dir)
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
-    _refuse_overlap(out, {"adapter": lora_dir, "base model": Path(base_model)})
+    refuse_overlap(out, {"adapter": lora_dir, "base model": Path(base_model)})
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise FileExistsError(f"output_dir {out} is not empty; pass --overwrite true to replace its contents")
@@ -104,7 +104,7 @@ def merge_lora(
     return out
 
 
-def _refuse_overlap(out: Path, inputs: dict[str, Path]) -> None:
+def refuse_overlap(out: Path, inputs: dict[str, Path], flag: str = "--output_dir") -> None:
     """Refuse an output directory that is, contains or lies inside an input: --overwrite would delete it.
 
     Only local inputs count; a hub id that is not a directory here cannot be overwritten.
@@ -116,8 +116,8 @@ def _refuse_overlap(out: Path, inputs: dict[str, Path]) -> None:
         source = path.resolve()
         if target == source or target in source.parents or source in target.parents:
             raise ValueError(
-                f"output_dir {out} overlaps the {role} directory {path} (it is, contains or lies inside it); "
-                "writing there would destroy an input, even with --overwrite. Choose a separate --output_dir."
+                f"{flag.lstrip('-')} {out} overlaps the {role} directory {path} (it is, contains or lies inside "
+                f"it); writing there would destroy an input, even with --overwrite. Choose a separate {flag}."
             )
 
 

@@ -38,7 +38,8 @@ from video_r2.model import LoraConfigArgs, ModelConfig
 
 class NonFiniteStepError(RuntimeError):
     """Raised after `max_bad_steps` consecutive SFT updates whose loss or gradients were not finite."""
-from video_r2.training import as_dataclass, build_optimizer, export_final, plain_hparams, save_trainable_checkpoint
+from video_r2.training import (as_dataclass, build_optimizer, check_export_dir, export_final, plain_hparams,
+                               save_trainable_checkpoint)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -107,6 +108,7 @@ class SFTModule(LightningModule):
     # ---------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
+        check_export_dir(self)  # before anything is built: fail in seconds, not at the end of the run
         if self.model is not None:  # Lightning may call this more than once (fit, then validate)
             return
         precision = self.trainer.precision if self._trainer is not None else "32-true"

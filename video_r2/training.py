@@ -77,8 +77,19 @@ def save_trainable_checkpoint(module, checkpoint: dict[str, Any]) -> None:
         module.export(Path(module.trainer.log_dir or ".") / "hf" / f"step-{module.global_step}")
 
 
+def check_export_dir(module) -> None:
+    """Refuse an `export_dir` that is, contains or lies inside the starting model's directory: the export
+    would overwrite the weights a resume reloads the frozen parts and the reference from."""
+    from video_r2.merge_lora import refuse_overlap
+
+    if module.hparams.get("export_dir"):
+        refuse_overlap(Path(module.hparams["export_dir"]), {"backbone (and reference)": Path(module.backbone.name_or_path)},
+                       flag="--model.init_args.export_dir")
+
+
 def export_final(module) -> Path | None:
     """`on_train_end`: the HF export of the final weights, and what to do with it next."""
+    check_export_dir(module)
     out = module.hparams.get("export_dir") or Path(module.trainer.log_dir or ".") / "hf" / "final"
     written = module.export(out)
     if written is not None:
