@@ -65,26 +65,17 @@ class _JudgeHandler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep test output clean
         pass
 
-    def _send(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload).encode()
+    def _send(self, status: int, payload: dict | bytes) -> None:
+        raw = isinstance(payload, bytes)  # a raw body, as a misconfigured proxy or web server answers
+        body = payload if raw else json.dumps(payload).encode()
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/html" if raw else "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
         except OSError:
             pass  # the client gave up (timeout) and closed the connection
-
-    def _send_raw(self, status: int, body: bytes) -> None:
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except OSError:
-            pass
 
     def do_GET(self) -> None:
         self._send(200, {"status": "ok"})
@@ -103,10 +94,7 @@ class _JudgeHandler(BaseHTTPRequestHandler):
         finally:
             with server.lock:
                 server.in_flight -= 1
-        if isinstance(content, bytes):  # a raw body, as a misconfigured proxy or web server answers
-            self._send_raw(status, content)
-            return
-        if isinstance(content, dict):  # a JSON body of the test's own making (malformed completions)
+        if isinstance(content, (bytes, dict)):  # a raw body, or a JSON body of the test's own making
             self._send(status, content)
             return
         if status != 200:

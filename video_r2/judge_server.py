@@ -30,6 +30,7 @@ from fastapi import BackgroundTasks, HTTPException, Request
 from fastapi.responses import JSONResponse
 from litserve.specs.openai import ChatCompletionRequest, OpenAISpec
 
+from video_r2.formats import format_clock as seconds_to_clock, question_options  # noqa: F401 (re-exported)
 from video_r2.judge_prompts import read_consistency_request, read_extraction_request
 
 logger = logging.getLogger(__name__)
@@ -104,16 +105,6 @@ class TimeMention:
     key: str
     start: int  # phrase start, prepositions and brackets included
     end: int
-
-
-def seconds_to_clock(seconds: float) -> str:
-    """16 -> "00:16", 75.5 -> "01:15.5", 3725 -> "01:02:05": the form the rest of the pipeline parses."""
-    whole = int(seconds)
-    fraction = f"{seconds - whole:.3f}".lstrip("0").rstrip("0").rstrip(".") if seconds != whole else ""
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    clock = f"{hours:02d}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
-    return clock + fraction
 
 
 def _mention_key(match: re.Match) -> str:
@@ -234,15 +225,9 @@ def extract_claims(think: str) -> dict[str, str]:
 
 # ---- consistency --------------------------------------------------------------------------------
 
-_OPTION_LINE_RE = re.compile(r"^\s*\(?([A-Z])[.):]\s+(.+?)\s*$", re.MULTILINE)
 _NUMBER = r"-?\d+(?:\.\d+)?"
 # A letter or number that is not the start of a word or of a clock time.
 _CHOICE_TAIL = r"(?![\w:])"
-
-
-def question_options(question: str) -> dict[str, str]:
-    """{"A": "red circle", ...} from option lines such as "A) red circle" or "(B). text"."""
-    return {letter: text for letter, text in _OPTION_LINE_RE.findall(question or "")}
 
 
 def _choice_patterns(letters: str) -> list[re.Pattern]:
