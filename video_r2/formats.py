@@ -5,7 +5,6 @@ these; keeping them here means a key the data checker accepts is exactly a key T
 time the overlay draws is exactly a time the judge can parse back. Pure Python, no heavy imports.
 
 Timestamps:
-    parse_clock("01:15.5") -> 75.5        MM:SS or HH:MM:SS with optional decimals, else None
     parse_timestamp_key("00:05-00:09")    -> (5, 9), a claim key as whole seconds, read as the original
     format_hms(75.9) -> "00:01:15"        the overlay's clock (floored, always HH:MM:SS)
     format_mmss(75) -> "01:15"            the synthetic task's `temporal_grounding` keys
@@ -24,7 +23,6 @@ import re
 
 __all__ = [
     "TIME_EPSILON",
-    "parse_clock",
     "parse_timestamp_key",
     "format_hms",
     "format_mmss",
@@ -42,20 +40,7 @@ TIME_EPSILON = 1e-6  # pts are float products of integer ticks: 2.0 s may arrive
 # Timestamps
 # ---------------------------------------------------------------------------------------------------
 
-_CLOCK = re.compile(r"(\d+):(\d{1,2})(?::(\d{1,2}))?(?:[.,](\d+))?")
 _RANGE_SPLIT = re.compile(r"\s*(?:-|–|—|\bto\b)\s*", flags=re.IGNORECASE)
-
-
-def parse_clock(text: str) -> float | None:
-    """Seconds of a clock time `MM:SS` or `HH:MM:SS` (decimals allowed); None if it is not one."""
-    match = _CLOCK.fullmatch(text.strip())
-    if match is None:
-        return None
-    first, second, third, fraction = match.groups()
-    hours, minutes, seconds = (int(first), int(second), int(third)) if third else (0, int(first), int(second))
-    if seconds >= 60 or (third and minutes >= 60):
-        return None
-    return hours * 3600 + minutes * 60 + seconds + (float(f"0.{fraction}") if fraction else 0.0)
 
 
 def _key_seconds(token: str) -> int | None:

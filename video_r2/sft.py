@@ -184,7 +184,7 @@ class SFTModule(LightningModule):
         self.bad_steps_in_a_row += 1
         self.bad_steps_total += 1
         self.log("train/bad_updates_total", float(self.bad_steps_total), on_step=True, on_epoch=False, batch_size=1)
-        ids = [] if batch is None else list(batch.get("ids", batch.get("sample_ids", [])))
+        ids = [] if batch is None else list(batch.get("ids", []))
         rank_zero_warn(f"step {self.global_step}: skipped an update with non-finite {what} (samples {ids}); "
                        f"{self.bad_steps_in_a_row} in a row, {self.bad_steps_total} in total")
         if self.bad_steps_in_a_row >= self.max_bad_steps:
