@@ -150,14 +150,20 @@ def run_stage(stage: str, ckpt: Path, batch: dict, steps: int, args) -> dict:
         from video_r2.model import LoraConfigArgs
         from video_r2.sft import SFTModule
 
-        module = SFTModule(backbone=ModelConfig(name_or_path=str(ckpt)), lora=LoraConfigArgs(r=64, alpha=64),
-                           lr=1e-5, warmup_ratio=0.0, export_on_checkpoint=False)
-    else:
-        from video_r2.grpo import GRPOModule
+        from video_r2.stage import ExportArgs, OptimizerArgs
 
-        module = GRPOModule(backbone=ModelConfig(name_or_path=str(ckpt), freeze_llm=False), num_generations=args.generations,
-                            max_completion_length=args.completion_tokens, beta=0.04, reward_funcs=["accuracy", "format"],
-                            lr=1e-6, logp_chunk_size=1, log_completions_every=0, export_on_checkpoint=False)
+        module = SFTModule(backbone=ModelConfig(name_or_path=str(ckpt)), lora=LoraConfigArgs(r=64, alpha=64),
+                           optim=OptimizerArgs(lr=1e-5), export=ExportArgs(on_checkpoint=False))
+    else:
+        from video_r2.grpo import GRPOModule, LossArgs, RewardArgs, RolloutArgs
+        from video_r2.stage import ExportArgs, OptimizerArgs
+
+        module = GRPOModule(backbone=ModelConfig(name_or_path=str(ckpt), freeze_llm=False),
+                            rollout=RolloutArgs(num_generations=args.generations,
+                                                max_completion_length=args.completion_tokens),
+                            loss=LossArgs(beta=0.04, logp_chunk_size=1), rewards=RewardArgs(funcs=["accuracy", "format"]),
+                            optim=OptimizerArgs(lr=1e-6, weight_decay=0.01), export=ExportArgs(on_checkpoint=False),
+                            log_completions_every=0)
     if args.cpu:
         strategy, accelerator, precision = "auto", "cpu", "32-true"
     else:

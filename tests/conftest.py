@@ -135,3 +135,19 @@ def rules_judge(tmp_path_factory):
     server = start_server(tmp_path_factory.mktemp("judge"), "--backend", "rules")
     yield server
     stop_server(server)
+
+
+@pytest.fixture
+def register_rewards():
+    """`register_rewards(name=fn, ...)` adds rewards for one test; afterwards REWARDS is as it was."""
+    from video_r2.rewards import REWARDS, register_reward
+
+    before = dict(REWARDS)
+
+    def register(**rewards) -> None:
+        for name, fn in rewards.items():
+            register_reward(name)(fn)
+
+    yield register
+    REWARDS.clear()
+    REWARDS.update(before)

@@ -85,13 +85,14 @@ def test_an_export_dir_over_the_starting_model_is_refused_before_anything_is_bui
 
     from video_r2.model import ModelConfig
     from video_r2.sft import SFTModule
+    from video_r2.stage import ExportArgs
 
     backbone = tmp_path / "models" / "start"
     shutil.copytree(tiny_demo / "model", backbone)
     export = {"backbone": backbone, "inside_backbone": backbone / "hf", "parent_of_backbone": backbone.parent}[where]
     before = {p: p.read_bytes() for p in backbone.rglob("*") if p.is_file()}
-    module = SFTModule(backbone=ModelConfig(name_or_path=str(backbone)), export_dir=str(export))
-    with pytest.raises(ValueError, match=r"export_dir .* overlaps the backbone \(and reference\) directory"):
+    module = SFTModule(backbone=ModelConfig(name_or_path=str(backbone)), export=ExportArgs(dir=str(export)))
+    with pytest.raises(ValueError, match=r"export.dir .* overlaps the backbone \(and reference\) directory"):
         module.configure_model()
     assert module.model is None  # refused before the model was loaded
     assert {p: p.read_bytes() for p in before} == before

@@ -46,7 +46,7 @@ def test_the_recipe_configs_carry_the_originals_values():
     for cfg in (sft, grpo):
         assert cfg["data"]["system_prompt"] == "You are a helpful assistant."  # both stages, as the original
         assert cfg["data"]["video_min_pixels"] == 128 * 28 * 28 and cfg["data"]["video_max_pixels"] == 360 * 420
-    sampling = grpo["model"]["init_args"]
+    sampling = grpo["model"]["init_args"]["rollout"]
     assert (sampling["temperature"], sampling["top_k"], sampling["num_generations"]) == (0.9, 50, 8)
     assert (sft["data"]["fps"], sft["data"]["max_frames"], grpo["data"]["fps"], grpo["data"]["max_frames"]) == (
         1.0, 128, 2.0, 32)

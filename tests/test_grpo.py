@@ -9,17 +9,23 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from video_r2.grpo import GRPOModule, NonFiniteStepError
+from video_r2.grpo import GRPOModule, LossArgs, NonFiniteStepError, RewardArgs, RolloutArgs
 from video_r2.model import ModelConfig
-from video_r2.rewards import register_reward
+from video_r2.stage import OptimizerArgs
 
 CHOSEN = "7"  # digits are single tokens (the tokenizer splits them), so characters count tokens
 
 
-@register_reward("chosen_token")
 def chosen_token_reward(completions, samples, context):
     """Fraction of the completion that is the chosen token: a reward only RL can teach the random model."""
     return [text.count(CHOSEN) / max(1, len(text)) for text in completions]
+
+
+@pytest.fixture(autouse=True)
+def token_rewards(register_rewards):
+    """This file's rewards, registered for each test and removed afterwards."""
+    register_rewards(chosen_token=chosen_token_reward, half_missing=half_missing_reward,
+                     overflowing=overflowing_reward)
 
 
 def text_prompts(processor, n: int) -> list[dict]:
@@ -44,14 +50,15 @@ class Repeat(torch.utils.data.IterableDataset):
             yield self.batch
 
 
-def train_token_reward(tiny_demo, seed: int, steps: int, **overrides) -> tuple[GRPOModule, list[dict]]:
+def train_token_reward(tiny_demo, seed: int, steps: int, beta: float = 0.0,
+                       reward_funcs: tuple[str, ...] = ("chosen_token",)) -> tuple[GRPOModule, list[dict]]:
     seed_everything(seed)
-    settings = dict(
+    module = GRPOModule(
         backbone=ModelConfig(name_or_path=str(tiny_demo / "model"), freeze_llm=False),
-        num_generations=8, max_completion_length=16, temperature=1.0, beta=0.0, lr=1e-2,
-        reward_funcs=["chosen_token"], warmup_ratio=0.0, min_lr_ratio=1.0, log_completions_every=0,
+        rollout=RolloutArgs(num_generations=8, max_completion_length=16, temperature=1.0, top_k=None),
+        loss=LossArgs(beta=beta), rewards=RewardArgs(funcs=list(reward_funcs)),
+        optim=OptimizerArgs(lr=1e-2, min_lr_ratio=1.0), log_completions_every=0,
     )
-    module = GRPOModule(**{**settings, **overrides})
     history: list[dict] = []
 
     from lightning.pytorch.callbacks import Callback
@@ -92,7 +99,7 @@ def kl_to_start(module: GRPOModule, tiny_demo) -> float:
     start = load_model(tiny_demo / "model").eval()
     batch = text_prompts(load_processor(tiny_demo / "model"), 4)[0]
     module.eval()
-    rollout, _, _ = module.rollout(batch)
+    rollout, _, _ = module.sample(batch)
     ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     mask = torch.cat([rollout.prompt_mask, torch.ones_like(rollout.completion_ids)], 1)
     L = rollout.completion_ids.shape[1]
@@ -124,7 +131,7 @@ def grpo_cli(tiny_demo, judge_url: str, root, *extra: str) -> list[str]:
         video_r2, "fit", "--config", "configs/demo/grpo.yaml",
         "--model.init_args.backbone.name_or_path", str(tiny_demo / "model"),
         "--model.init_args.judge.init_args.base_url", judge_url,
-        "--model.init_args.num_generations", "2", "--model.init_args.max_completion_length", "12",
+        "--model.init_args.rollout.num_generations", "2", "--model.init_args.rollout.max_completion_length", "12",
         "--model.init_args.log_completions_every", "1",
         "--data.data_path", str(data / "video-r2-grpo-dataset.json"), "--data.video_folder", str(data / "videos"),
         "--data.subtitles_folder", str(data / "subtitles"), "--data.processor_path", str(tiny_demo / "model"),
@@ -182,14 +189,13 @@ def test_fit_cli_runs_grpo_on_two_processes(tiny_demo, rules_judge, tmp_path, st
     assert (tmp_path / "demo-grpo" / "hf" / "final" / "model.safetensors").exists()
 
 
-@register_reward("half_missing")
 def half_missing_reward(completions, samples, context):
     """A reward that cannot be computed for every other completion (like TAR when the judge fails)."""
     return [None if i % 2 else 1.0 for i in range(len(completions))]
 
 
 def test_none_rewards_are_filled_from_their_group_not_zero(tiny_demo):
-    _, history = train_token_reward(tiny_demo, 0, steps=2, reward_funcs=["half_missing", "chosen_token"])
+    _, history = train_token_reward(tiny_demo, 0, steps=2, reward_funcs=("half_missing", "chosen_token"))
     last = history[-1]
     assert last["train/rewards/half_missing/none_frac"] == 0.5
     assert last["train/rewards/half_missing/mean"] == 1.0  # the valid values only
@@ -198,7 +204,6 @@ def test_none_rewards_are_filled_from_their_group_not_zero(tiny_demo):
     assert last["train/reward/mean"] == pytest.approx(1.0 + last["train/rewards/chosen_token/mean"], abs=1e-6)
 
 
-@register_reward("overflowing")
 def overflowing_reward(completions, samples, context):
     """A broken reward (inf), which makes the advantages, the loss and the gradients NaN."""
     return [float("inf")] * len(completions)
@@ -210,8 +215,9 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_demo):
 
     seed_everything(0)
     module = GRPOModule(backbone=ModelConfig(name_or_path=str(tiny_demo / "model"), freeze_llm=False),
-                        num_generations=2, max_completion_length=4, beta=0.0, lr=1e-2,
-                        reward_funcs=["overflowing"], log_completions_every=0, max_bad_steps=3)
+                        rollout=RolloutArgs(num_generations=2, max_completion_length=4), loss=LossArgs(beta=0.0),
+                        rewards=RewardArgs(funcs=["overflowing"]), optim=OptimizerArgs(lr=1e-2),
+                        log_completions_every=0, max_bad_steps=3)
     batch = text_prompts(load_processor(tiny_demo / "model"), 2)[0]
     loader = torch.utils.data.DataLoader(Repeat(batch, 10), batch_size=None)
     trainer = Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False,
@@ -219,7 +225,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_demo):
                       default_root_dir=tempfile.mkdtemp(prefix="grpo-test-"))
     start = {}
     module.on_train_start = lambda: start.update({n: p.detach().clone() for n, p in module.model.named_parameters()})
-    with pytest.raises(NonFiniteStepError, match="3 updates in a row"):
+    with pytest.raises(NonFiniteStepError, match="3 GRPO updates in a row"):
         trainer.fit(module, train_dataloaders=loader)
     assert module.bad_steps_total == 3
     assert all(torch.equal(p, start[n]) for n, p in module.model.named_parameters())  # never stepped

@@ -50,17 +50,18 @@ def equal_length_items(dm, n: int) -> list[dict]:
     return chosen
 
 
-def sft_module(demo: Path, lora: bool, **kwargs):
+def sft_module(demo: Path, lora: bool, lr: float = 1e-5, export_dir: str | None = None, min_lr_ratio: float = 0.0,
+               warmup_ratio: float = 0.0, **kwargs):
     from video_r2.model import LoraConfigArgs, ModelConfig
     from video_r2.sft import SFTModule
+    from video_r2.stage import ExportArgs, OptimizerArgs
 
     # LoRA: adapter + a trained merger (both export paths); else full fine-tuning, as the demo config.
     backbone = ModelConfig(name_or_path=str(demo / "model"), freeze_vision_tower=lora, freeze_merger=False,
                            freeze_llm=lora)
     adapter = LoraConfigArgs(r=4, alpha=8, dropout=0.0) if lora else None
-    kwargs.setdefault("warmup_ratio", 0.0)
-    kwargs.setdefault("export_on_checkpoint", False)
-    return SFTModule(backbone=backbone, lora=adapter, **kwargs)
+    return SFTModule(backbone=backbone, lora=adapter, optim=OptimizerArgs(lr=lr, min_lr_ratio=min_lr_ratio, warmup_ratio=warmup_ratio),
+                     export=ExportArgs(dir=export_dir, on_checkpoint=False), **kwargs)
 
 
 def quiet_trainer(tmp_path: Path, **kwargs):
@@ -158,7 +159,7 @@ def test_flash_attention_without_package_says_how_to_install(tiny_demo, monkeypa
 
 
 def test_warmup_cosine_schedule():
-    from video_r2.training import warmup_cosine
+    from video_r2.stage import warmup_cosine
 
     f = [warmup_cosine(s, warmup_steps=3, total_steps=13) for s in range(13)]
     assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
@@ -197,7 +198,8 @@ def test_recipe_config_values():
     assert m["backbone"]["name_or_path"] == d["processor_path"] == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert all(m["backbone"][k] for k in ("freeze_vision_tower", "freeze_merger", "freeze_llm"))
     assert (m["lora"]["r"], m["lora"]["alpha"], m["lora"]["dropout"]) == (64, 64, 0.05)
-    assert (m["lr"], m["merger_lr"], m["vision_lr"], m["weight_decay"], m["warmup_ratio"]) == (1e-5, 1e-5, 2e-6, 0.1, 0.03)
+    o = m["optim"]
+    assert (o["lr"], o["merger_lr"], o["vision_lr"], o["weight_decay"], o["warmup_ratio"]) == (1e-5, 1e-5, 2e-6, 0.1, 0.03)
     assert (d["fps"], d["max_frames"], d["video_max_pixels"]) == (1.0, 128, 360 * 420)
     assert d["draw_timestamps"] and d["draw_subtitles"]
     assert "TensorBoardLogger" in t["logger"]["class_path"]

@@ -78,7 +78,7 @@ def evaluate(
     from tqdm import tqdm
 
     from video_r2.data import VideoDataModule
-    from video_r2.grpo import generation_token_ids, sample_completions
+    from video_r2.grpo.rollout import generation_token_ids, sample_completions
     from video_r2.judge import JudgeClient
     from video_r2.model import load_model
     from video_r2.rewards import RewardContext, compute_rewards, score_answer

@@ -1,6 +1,6 @@
 """Qwen2.5-VL for training: loading, freezing, LoRA, parameter groups, FSDP wrap classes and the HF export.
 
-This is the one file that knows transformers and peft internals; `sft.py`, `grpo.py` and `merge_lora.py`
+This is the one file that knows transformers and peft internals; `stage.py`, `sft.py`, `grpo/` and `merge_lora.py`
 call the functions below and never reach into the model's attribute names themselves.
 
 Parameter names of Qwen2.5-VL in transformers 5 (peft adds `base_model.model.` in front, FSDP1 adds
@@ -21,6 +21,7 @@ The HF export of a run (`export_hf`) is a directory that both `merge_lora` and `
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 from collections.abc import Iterator
@@ -35,6 +36,10 @@ from torch import nn
 # lm_head and embed_tokens never match.
 LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 VISION_TARGETS = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))"
+
+# Tokens that only the processor may place; one sampled into a completion breaks the next forward ("video
+# features and video tokens do not match"), so generation never emits them (GRPO rollouts, the HF judge).
+VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -122,6 +127,29 @@ def build_model(config: ModelConfig, lora: LoraConfigArgs | None, dtype: torch.d
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: LoRA is off and the vision tower, merger and LLM are all frozen")
     return model
+
+
+def weights_fingerprint(path: str | Path, blocks: int = 17, block_bytes: int = 4096) -> str | None:
+    """A cheap fingerprint of a local checkpoint's weights, or None for a hub id / a directory without weights.
+
+    Per weight file: its name, its size and `blocks` evenly spaced 4 KiB blocks (hashing every byte of a 7B
+    model would take a minute at every start). Two models of the same architecture with other weights differ
+    in nearly every block, so a resume onto a replaced base is caught; a change confined to bytes between the
+    sampled blocks would not be.
+    """
+    directory = Path(path)
+    files = sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin")]) if directory.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            for i in range(blocks):
+                handle.seek(max(0, (size - block_bytes) * i // max(1, blocks - 1)))
+                digest.update(handle.read(block_bytes))
+    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,14 +340,20 @@ def fsdp_wrap_policy():
 
 
 def fully_shard_model(model: nn.Module, mesh, **kwargs) -> nn.Module:
-    """FSDP2: shard each decoder layer / vision block, then the rest as the root unit."""
-    from torch.distributed.fsdp import fully_shard
+    """FSDP2: shard each decoder layer / vision block, then the rest as the root unit.
+
+    FSDP2 gathers a module's shards around `forward` only; `generate` and the vision encoders are called
+    directly (GRPO's rollout), so they are registered too (else "mixed torch.Tensor and DTensor").
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     classes = tuple(decoder_layer_classes())
     for module in model.modules():
         if isinstance(module, classes):
             fully_shard(module, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **kwargs)
+    for method in ("generate", "get_video_features", "get_image_features"):
+        register_fsdp_forward_method(model, method)
     return model
 
 

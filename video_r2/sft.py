@@ -4,11 +4,8 @@ What it does, as the original `train_sft.sh` does it:
   * the batch (from `VideoDataModule(stage="sft")`) goes straight into the model; the loss is the model's own
     token-mean cross-entropy over the answer tokens (labels are -100 everywhere else: system, question and
     video tokens, padding);
-  * AdamW with parameter groups (`lr` for the LLM / LoRA, `merger_lr`, `vision_lr`; no weight decay on norms
-    and biases), linear warmup for `warmup_ratio` of the optimizer steps, then cosine decay to
-    `min_lr_ratio * lr`, stepped every optimizer step;
-  * the model is built in `configure_model`, so Lightning's FSDPStrategy wraps it as built, and under
-    `ModelParallelStrategy` (FSDP2) each decoder layer and vision block is `fully_shard`-ed there.
+  * the optimizer, schedule, model building, lean checkpoints and HF export are `video_r2.stage.StageModule`'s,
+    shared with GRPO.
 
 Where it departs from the original (HF Trainer + DeepSpeed):
   * the first warmup step already has a small learning rate ((step + 1) / warmup steps) instead of 0;
@@ -16,7 +13,7 @@ Where it departs from the original (HF Trainer + DeepSpeed):
     `backbone.name_or_path` on resume), except under FSDP2 / sharded FSDP, whose sharded checkpoints
     keep every weight;
   * at every checkpoint and at the end of training the model is also exported in HF form
-    (`<log_dir>/hf/step-N`, `<log_dir>/hf/final` or `export_dir`): the PEFT adapter, any trained base
+    (`<log_dir>/hf/step-N`, `<log_dir>/hf/final` or `export.dir`): the PEFT adapter, any trained base
     weights and the processor; `video-r2 merge-lora` folds it into a standalone checkpoint.
 
 Logged to TensorBoard: train/loss, train/lr (and train/lr_<group> for the vision tower and merger),
@@ -26,20 +23,14 @@ train/grad_norm (before clipping), train/tokens_per_s (per device), train/batch_
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 
-from video_r2 import model as vm
 from video_r2.model import LoraConfigArgs, ModelConfig
+from video_r2.stage import ExportArgs, NonFiniteStepError, OptimizerArgs, StageModule
 
-
-class NonFiniteStepError(RuntimeError):
-    """Raised after `max_bad_steps` consecutive SFT updates whose loss or gradients were not finite."""
-from video_r2.training import (as_dataclass, build_optimizer, check_export_dir, export_final, plain_hparams,
-                               save_trainable_checkpoint)
+__all__ = ["SFTModule", "NonFiniteStepError", "model_inputs"]
 
 
 def model_inputs(batch: dict) -> dict:
@@ -48,77 +39,32 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-class SFTModule(LightningModule):
+class SFTModule(StageModule):
     """Supervised fine-tuning of Qwen2.5-VL on timestamped video answers.
 
     Args:
         backbone: the checkpoint to start from and which of its parts train (see `ModelConfig`).
         lora: LoRA/DoRA settings; None trains the unfrozen parts of the base model directly.
-        lr: peak learning rate of the language model (LoRA weights included).
-        vision_lr: peak learning rate of the vision tower (default: lr).
-        merger_lr: peak learning rate of the vision-to-text merger (default: lr).
-        weight_decay: AdamW weight decay (not on norms, biases and DoRA magnitudes).
-        warmup_ratio: fraction of the optimizer steps spent warming up linearly.
-        min_lr_ratio: the cosine ends at min_lr_ratio * peak.
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        export_dir: where the final HF export goes (default: `<log_dir>/hf/final`).
-        export_on_checkpoint: also export to `<log_dir>/hf/step-N` whenever a checkpoint is saved.
+        optim: AdamW and its schedule (`video_r2.stage.OptimizerArgs`; SFT's default lr is 1e-5 with 3% warmup).
+        export: where the HF exports go (`video_r2.stage.ExportArgs`).
         max_bad_steps: this many non-finite updates in a row stop the run (each one is skipped and counted).
     """
+
+    stage_name = "SFT"
 
     def __init__(
         self,
         backbone: ModelConfig,
         lora: LoraConfigArgs | None = None,
-        lr: float = 1e-5,
-        vision_lr: float | None = None,
-        merger_lr: float | None = None,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.03,
-        min_lr_ratio: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        export_dir: str | None = None,
-        export_on_checkpoint: bool = True,
+        optim: OptimizerArgs | None = None,
+        export: ExportArgs | None = None,
         max_bad_steps: int = 3,
     ) -> None:
-        super().__init__()
+        super().__init__(backbone, lora, optim or OptimizerArgs(lr=1e-5, warmup_ratio=0.03), export, max_bad_steps)
         self.save_hyperparameters()
-        plain_hparams(self)  # checkpoints are loaded with weights_only=True: plain types only
-        self.backbone = as_dataclass(ModelConfig, backbone)
-        self.lora = as_dataclass(LoraConfigArgs, lora)
-        self.lr, self.vision_lr, self.merger_lr = lr, vision_lr, merger_lr
-        self.weight_decay, self.warmup_ratio, self.min_lr_ratio = weight_decay, warmup_ratio, min_lr_ratio
-        self.betas, self.eps = tuple(betas), eps
-        self.export_dir = export_dir
-        self.export_on_checkpoint = export_on_checkpoint
-        self.max_bad_steps = max_bad_steps
-        self.bad_steps_in_a_row = 0
-        self.bad_steps_total = 0
+        self.plain_hparams()
         self._loss_skipped = False
-        self.model: torch.nn.Module | None = None
-        self.processor = None
-        # Checkpoints may leave out the frozen base weights (see on_save_checkpoint).
-        self.strict_loading = False
         self._batch_started = 0.0
-
-    # ---------------------------------------------------------------------------------------------
-    # model
-    # ---------------------------------------------------------------------------------------------
-
-    def configure_model(self) -> None:
-        check_export_dir(self)  # before anything is built: fail in seconds, not at the end of the run
-        if self.model is not None:  # Lightning may call this more than once (fit, then validate)
-            return
-        precision = self.trainer.precision if self._trainer is not None else "32-true"
-        model = vm.build_model(self.backbone, self.lora, dtype=vm.dtype_for_precision(precision))
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
-            vm.fully_shard_model(model, self.device_mesh["data_parallel"])
-        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps the mode it finds
-        self.processor = vm.load_processor(self.backbone.name_or_path)
-        if self.global_rank == 0:
-            print(f"{self.backbone.name_or_path}: {vm.trainable_summary(model)}")
 
     def forward(self, **batch: Any):
         return self.model(**model_inputs(batch))
@@ -146,6 +92,7 @@ class SFTModule(LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         seconds = time.perf_counter() - self._batch_started
         tokens = float(batch["attention_mask"].sum())
         self.log("train/tokens_per_s", tokens / max(seconds, 1e-9), on_step=True, on_epoch=False, batch_size=1)
@@ -178,21 +125,9 @@ class SFTModule(LightningModule):
         return bool(flag.item())
 
     def _skip_bad_update(self, what: str, batch: dict | None) -> None:
-        """Skip a non-finite update, count and log it, and stop after `max_bad_steps` in a row."""
-        from lightning.pytorch.utilities import rank_zero_warn
-
-        self.bad_steps_in_a_row += 1
-        self.bad_steps_total += 1
-        self.log("train/bad_updates_total", float(self.bad_steps_total), on_step=True, on_epoch=False, batch_size=1)
-        ids = [] if batch is None else list(batch.get("ids", []))
-        rank_zero_warn(f"step {self.global_step}: skipped an update with non-finite {what} (samples {ids}); "
-                       f"{self.bad_steps_in_a_row} in a row, {self.bad_steps_total} in total")
-        if self.bad_steps_in_a_row >= self.max_bad_steps:
-            raise NonFiniteStepError(
-                f"{self.bad_steps_in_a_row} SFT updates in a row had a non-finite {what.split()[0]} "
-                f"({self.bad_steps_total} in total); nothing is exported. Lower lr (now {self.lr}), check the "
-                "precision, or resume from the last good checkpoint with --ckpt_path."
-            )
+        self.log("train/bad_updates_total", float(self.bad_steps_total + 1), on_step=True, on_epoch=False,
+                 batch_size=1)
+        self.count_bad_update(what, [] if batch is None else list(batch.get("ids", [])))
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the gradients (before clipping), whatever the strategy."""
@@ -201,34 +136,6 @@ class SFTModule(LightningModule):
             if p.grad is not None:
                 grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: the local shard
                 squares += grad.detach().float().pow(2).sum()
-        if self._grads_sharded():  # each rank holds a different slice of every gradient
+        if self.sharded():  # each rank holds a different slice of every gradient
             torch.distributed.all_reduce(squares)
         return squares.sqrt()
-
-    def _grads_sharded(self) -> bool:
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-        return self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
-
-    # ---------------------------------------------------------------------------------------------
-    # optimizer
-    # ---------------------------------------------------------------------------------------------
-
-    def configure_optimizers(self):
-        return build_optimizer(self.model, self.trainer.estimated_stepping_batches, self.lr, self.vision_lr,
-                               self.merger_lr, self.weight_decay, self.warmup_ratio, self.min_lr_ratio,
-                               self.betas, self.eps)
-
-    # ---------------------------------------------------------------------------------------------
-    # checkpoints and the HF export
-    # ---------------------------------------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_trainable_checkpoint(self, checkpoint)
-
-    def on_train_end(self) -> None:
-        export_final(self)
-
-    def export(self, out_dir: str | Path) -> Path | None:
-        """HF export of the current weights (collective under FSDP: every rank calls it)."""
-        return vm.export_hf(self.model, self.processor, out_dir, rank=self.global_rank)

@@ -1,0 +1,72 @@
+"""GRPOModule's settings, grouped as a config shows them (the original's flags in brackets).
+
+`video_r2.stage.OptimizerArgs` and `ExportArgs` (shared with SFT) complete the list; TAR's judge client is
+its own argument because LightningCLI builds it from a `class_path`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from video_r2.grpo.loss import LossType, ScaleRewards
+
+
+@dataclass
+class RolloutArgs:
+    """How completions are sampled."""
+
+    num_generations: int = 8  # G: completions per prompt, over all the ranks that share it (--num_generations)
+    ranks_per_group: int = 1  # ranks sharing each prompt; each samples G / ranks_per_group of its completions
+    max_completion_length: int = 1024  # new tokens per completion at most (--max_completion_length)
+    temperature: float = 0.9  # sampling temperature; log-probs are taken at the same one (original: 0.9)
+    top_p: float = 1.0  # nucleus sampling; 1.0 is off (--top_p)
+    top_k: int | None = 50  # top-k sampling; None is off (original: 50)
+    repetition_penalty: float = 1.0  # HF generate's; 1.0 is off (--repetition_penalty)
+    mask_truncated_completions: bool = False  # completions without EOS add no gradient (DAPO); original: off
+    seed: int | None = None  # sampling seed; None: the run's seed. Each step and rank samples from its own
+    # stream derived from (seed, step, rank), so a resumed run samples what the uninterrupted one would have
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(f"rollout.num_generations must be >= 2 (a group of 1 has no relative advantage), "
+                             f"got {self.num_generations}")
+        if self.ranks_per_group < 1 or self.num_generations % self.ranks_per_group:
+            raise ValueError(f"rollout.ranks_per_group ({self.ranks_per_group}) must divide num_generations "
+                             f"({self.num_generations}): each rank samples the same share of every group")
+
+    @property
+    def local_generations(self) -> int:
+        """Completions per prompt this rank samples."""
+        return self.num_generations // self.ranks_per_group
+
+
+@dataclass
+class LossArgs:
+    """How a rollout becomes updates: the clipped-ratio loss, its KL penalty and the update schedule."""
+
+    beta: float = 0.04  # KL coefficient; 0 skips the reference entirely (--beta)
+    epsilon_low: float = 0.2  # lower ratio clip, 1 - epsilon_low (--epsilon)
+    epsilon_high: float = 0.2  # upper ratio clip, 1 + epsilon_high; larger is DAPO's clip-higher (--epsilon_high)
+    loss_type: LossType = "grpo"  # "grpo" | "bnpo" | "dr_grpo" aggregation (see video_r2.grpo) (--loss_type)
+    scale_rewards: ScaleRewards = "group"  # "group" | "batch" | "none" advantage scaling (--scale_rewards)
+    num_iterations: int = 1  # mu: updates per rollout (--num_iterations)
+    mini_batch_size: int | None = None  # completions per update; None: the rank's whole rollout at once
+    max_grad_norm: float = 1.0  # global gradient-norm clip, applied here (manual optimization) (--max_grad_norm)
+    logp_chunk_size: int = 4  # completions per float32 log-softmax chunk (bounds the [chunk, L, V] tensor)
+
+
+@dataclass
+class RewardArgs:
+    """Which rewards, how they add up, and TAR's matching settings."""
+
+    funcs: list[str] = field(default_factory=lambda: ["accuracy", "format", "tar"])  # (--reward_funcs)
+    weights: list[float] | None = None  # one per reward; None: all 1
+    buffer_seconds: float = 2.0  # TAR: both spans widen by this much before the overlap test (--buffer_seconds)
+    similarity_threshold: float = 0.75  # TAR: least MiniLM cosine for a claim to match (--similarity_threshold)
+    strict_format: bool = False  # format reward: ours (tags alone in their blocks) instead of the original's
+
+    def __post_init__(self) -> None:
+        self.funcs = list(self.funcs)
+        self.weights = list(self.weights) if self.weights is not None else [1.0] * len(self.funcs)
+        if len(self.weights) != len(self.funcs):
+            raise ValueError(f"{len(self.weights)} rewards.weights for rewards.funcs {self.funcs}")

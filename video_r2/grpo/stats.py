@@ -1,0 +1,58 @@
+"""What a GRPO step logs about its rewards and completions, as plain floats."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from video_r2.grpo.types import _eos_positions
+
+
+def reward_stats(
+    rewards: Mapping[str, Sequence[float | None]], total: Tensor, num_generations: int
+) -> dict[str, float]:
+    """Reward metrics for logging, as plain floats.
+
+    Per reward (over its valid, non-None values): ``rewards/<name>/mean``, ``/std``, ``/none_frac`` and
+    ``/missing_groups`` (groups left out by :func:`combine_rewards`). Of the total ``[N]``: ``reward/mean``,
+    ``reward/std``, ``reward/group_std_mean`` (mean within-group std: the signal GRPO learns from) and
+    ``reward/frac_groups_all_equal`` (groups with zero advantage, i.e. no learning signal).
+    All stds are unbiased (0 where fewer than 2 values).
+    """
+    G = num_generations
+    stats: dict[str, float] = {}
+    for name, values in rewards.items():
+        raw = torch.tensor([float("nan") if x is None else float(x) for x in values])  # [N]
+        valid = raw[~torch.isnan(raw)]  # [n_valid]
+        stats[f"rewards/{name}/mean"] = valid.mean().item() if valid.numel() else float("nan")
+        stats[f"rewards/{name}/std"] = _std(valid)
+        stats[f"rewards/{name}/none_frac"] = torch.isnan(raw).float().mean().item()
+        stats[f"rewards/{name}/missing_groups"] = float(torch.isnan(raw).view(-1, G).all(dim=1).sum())
+    total = total.detach().float().cpu()  # [N]
+    grouped = total.view(-1, G)  # [B, G]
+    stats["reward/mean"] = total.mean().item()
+    stats["reward/std"] = _std(total)
+    stats["reward/group_std_mean"] = grouped.std(dim=1).mean().item()  # G >= 2, so defined
+    stats["reward/frac_groups_all_equal"] = (grouped == grouped[:, :1]).all(dim=1).float().mean().item()
+    return stats
+
+
+def _std(x: Tensor) -> float:
+    return x.std().item() if x.numel() >= 2 else 0.0
+
+
+def completion_length_stats(completion_ids: Tensor, eos_token_ids: int | Iterable[int] | Tensor) -> dict[str, float]:
+    """Completion lengths (tokens up to and including the first EOS; L if none) as plain floats:
+    ``completions/mean_length``, ``/min_length``, ``/max_length`` and ``/truncated_frac`` (rows without EOS).
+    Measured from the ids, so it is the same whether or not truncated completions are masked.
+    """
+    has_eos, first = _eos_positions(completion_ids, eos_token_ids)  # [N], [N]
+    lengths = torch.where(has_eos, first + 1, completion_ids.shape[1]).float()  # [N]
+    return {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/truncated_frac": (~has_eos).float().mean().item(),
+    }
