@@ -229,3 +229,85 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_demo):
         trainer.fit(module, train_dataloaders=loader)
     assert module.bad_steps_total == 3
     assert all(torch.equal(p, start[n]) for n, p in module.model.named_parameters())  # never stepped
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(tiny_demo, tmp_path):
+    """8 steps in one go == 4 steps, a checkpoint, a fresh process's resume to 8: the same rewards and weights,
+    each step logged once. Sampling draws from (seed, step, rank), so nothing else needs restoring."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from video_r2.model import load_processor
+    from video_r2.plot import read_scalars
+
+    batch = text_prompts(load_processor(tiny_demo / "model"), 2)[0]
+
+    def module():
+        return GRPOModule(backbone=ModelConfig(name_or_path=str(tiny_demo / "model"), freeze_llm=False),
+                          rollout=RolloutArgs(num_generations=4, max_completion_length=8, seed=7),
+                          loss=LossArgs(beta=0.04), rewards=RewardArgs(funcs=["chosen_token"]),
+                          optim=OptimizerArgs(lr=1e-2), export=None, log_completions_every=0)
+
+    class Rewards(Callback):
+        def __init__(self):
+            self.values, self.lrs = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.values.append(float(trainer.callback_metrics["train/reward/mean"]))
+            self.lrs.append(float(trainer.callback_metrics["train/lr"]))
+
+    def fit(root, steps, ckpt=None, every=None):
+        seed_everything(0)
+        rewards = Rewards()
+        callbacks = [rewards] + ([ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every, save_top_k=-1,
+                                                  filename="{step}")] if every else [])
+        trainer = Trainer(accelerator="cpu", max_steps=steps, enable_progress_bar=False, enable_model_summary=False,
+                          logger=TensorBoardLogger(root, name="tb", version=""), callbacks=callbacks, log_every_n_steps=1,
+                          default_root_dir=str(root))
+        m = module()
+        trainer.fit(m, train_dataloaders=torch.utils.data.DataLoader(Repeat(batch, steps), batch_size=None),
+                    ckpt_path=ckpt)
+        return m, rewards
+
+    whole, whole_rewards = fit(tmp_path / "whole", 8)
+    _, first = fit(tmp_path / "split", 8, every=4)  # runs on; only its step-4 checkpoint is used
+    resumed, rest = fit(tmp_path / "resumed", 8, ckpt=str(tmp_path / "split" / "ckpt" / "step=4.ckpt"))
+    assert first.values[:4] == whole_rewards.values[:4]
+    assert rest.values == whole_rewards.values[4:]
+    assert rest.lrs == whole_rewards.lrs[4:]
+    for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    steps = [s for s, _ in read_scalars(tmp_path / "resumed" / "tb")["train/reward/mean"]]
+    assert len(steps) == len(set(steps)) == 4, steps  # each resumed step logged once
+
+
+def test_resuming_with_more_steps_continues_at_the_new_schedules_rate(tiny_demo, tmp_path):
+    """A run that ended (lr 0 at the end of its cosine) resumed with a larger max_steps does not take a step at
+    lr 0: the rate of its first new step is the new schedule's."""
+    from lightning.pytorch.callbacks import Callback
+
+    from video_r2.model import load_processor
+    from video_r2.stage import warmup_cosine
+
+    batch = text_prompts(load_processor(tiny_demo / "model"), 2)[0]
+    lrs = []
+
+    class Lr(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            lrs.append(float(trainer.callback_metrics["train/lr"]))
+
+    def fit(steps, ckpt=None):
+        trainer = Trainer(accelerator="cpu", max_steps=steps, enable_progress_bar=False, enable_model_summary=False,
+                          logger=False, callbacks=[Lr()], default_root_dir=str(tmp_path))
+        trainer.fit(GRPOModule(backbone=ModelConfig(name_or_path=str(tiny_demo / "model"), freeze_llm=False),
+                               rollout=RolloutArgs(num_generations=2, max_completion_length=4),
+                               loss=LossArgs(beta=0.0), rewards=RewardArgs(funcs=["chosen_token"]),
+                               optim=OptimizerArgs(lr=1e-3), log_completions_every=0),
+                    train_dataloaders=torch.utils.data.DataLoader(Repeat(batch, steps), batch_size=None),
+                    ckpt_path=ckpt)
+        return trainer
+
+    first = fit(2)
+    first.save_checkpoint(tmp_path / "end.ckpt")
+    fit(4, ckpt=str(tmp_path / "end.ckpt"))
+    assert lrs[2] == pytest.approx(1e-3 * warmup_cosine(2, 0, 4)) and lrs[2] > 0

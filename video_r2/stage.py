@@ -182,6 +182,16 @@ class StageModule(LightningModule):
     def configure_optimizers(self):
         return build_optimizer(self.model, self.trainer.estimated_stepping_batches, self.optim)
 
+    def on_train_start(self) -> None:
+        """After a resume the optimizer holds the rate the old run ended on (0 at the end of its cosine); set
+        the rate of the current step from this run's schedule, so a longer `max_steps` continues at once."""
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                               scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+
     # ---- non-finite updates ------------------------------------------------------------------------
 
     def count_bad_update(self, what: str, ids: list) -> None:
