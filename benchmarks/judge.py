@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from video_r2.judge import JudgeClient, parse_claims, parse_verdict
-from video_r2.judge_prompts import (
+from video_r2.judge.prompts import (
     consistency_messages,
     extraction_messages,
     read_consistency_request,

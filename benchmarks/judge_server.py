@@ -32,7 +32,7 @@ import openai
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from video_r2.judge_prompts import extraction_messages  # noqa: E402
+from video_r2.judge.prompts import extraction_messages  # noqa: E402
 
 APP = ROOT / "serve" / "judge_app.py"
 RESULTS = ROOT / "benchmarks" / "results" / "judge_server.json"

@@ -8,12 +8,13 @@ Routes: POST /v1/chat/completions (streaming or not), GET /v1/models, GET /healt
 through `video_r2.judge.JudgeClient` (`model.init_args.judge.init_args.base_url: http://127.0.0.1:8011/v1`
 and `.model: <served name>`), or with `judge: null` through the original recipe's OPENAI_API_BASE /
 SERVED_MODEL / OPENAI_API_KEY. A `vllm serve MODEL --port 8011` can take its place; see docs/judge.md.
-The pieces live in `video_r2/judge_server.py`; this file only parses flags, logs and runs.
+The pieces live in `video_r2/judge/` (server.py, backends.py, rules.py); this file parses flags, logs and runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
@@ -23,15 +24,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-# Running as `python serve/judge_app.py` from a checkout that was not pip-installed still finds video_r2.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("video_r2") is None:  # a checkout that was not pip-installed: it is beside us
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from video_r2.judge_server import Limits, build_server, make_backend  # noqa: E402
+from video_r2.judge import DEFAULT_MODEL  # noqa: E402
+from video_r2.judge.backends import make_backend  # noqa: E402
+from video_r2.judge.server import Limits, build_server  # noqa: E402
+from video_r2.judge.watchdog import tie_forked_children  # noqa: E402
 
 logger = logging.getLogger("video_r2.judge_app")
 
-DEFAULT_PORT = 8011
-DEFAULT_SERVED_NAME = "video-r2-judge"  # = video_r2.judge.DEFAULT_MODEL, so the defaults meet
+DEFAULT_PORT = 8011  # the port of video_r2.judge.DEFAULT_BASE_URL
 # LitServe binds only these (it checks before starting); anything else would be refused later, less clearly.
 BINDABLE_HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 
@@ -41,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=("rules", "hf"), default="rules",
                    help="rules: deterministic, no model (default); hf: a transformers causal LM")
     p.add_argument("--model", help="hf backend: local checkpoint directory or hub id")
-    p.add_argument("--served-model-name", default=DEFAULT_SERVED_NAME,
+    p.add_argument("--served-model-name", default=DEFAULT_MODEL,
                    help="name clients send as `model` and /v1/models lists (default: %(default)s, which is also "
                         "the training side's default judge_model, whichever backend serves it)")
     p.add_argument("--host", default="127.0.0.1", choices=BINDABLE_HOSTS,
@@ -50,10 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=1, help="requests generated together (hf: left-padded)")
     p.add_argument("--batch-timeout", type=float, default=0.02, help="seconds to wait for a batch to fill")
     p.add_argument("--workers", type=int, default=1, help="inference worker processes (each loads the model)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait in the queue (then 504)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds from a request's arrival to its reply, queue included; then 504 and the worker "
+                        "drops it (0: no limit)")
     p.add_argument("--api-key", default=os.environ.get("VIDEO_R2_JUDGE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $VIDEO_R2_JUDGE_API_KEY; none: open)")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--max-reasoning-chars", type=int, default=Limits.max_reasoning_chars,
+                   help="longest text a judge prompt may ask about (the reasoning; for consistency also question "
+                        "and answer), checked before it is parsed; longer gets 413 (default: %(default)s)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=1024, help="max_tokens when a request gives none")
     p.add_argument("--accelerator", choices=("auto", "cpu", "cuda", "mps"), default="auto",
@@ -130,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     server = build_server(
         backend,
         served_model_name=args.served_model_name,
-        limits=Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens),
+        limits=Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+                      max_reasoning_chars=args.max_reasoning_chars),
         api_key=args.api_key,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
@@ -142,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("starting the %s judge on %s:%d ...", args.backend, args.host, args.port)
     threading.Thread(target=announce_when_ready, args=(args, started), daemon=True).start()
     _shut_down_on_signals()
+    tie_forked_children()  # LitServe's manager and API servers end with this process, even on SIGKILL
     try:
         # generate_client_file=False: LitServe would otherwise drop a client.py into the working directory.
         server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)

@@ -41,14 +41,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(log_dir: Path, *args: str, ready_within: float = 120.0) -> Server:
-    """Start `serve/judge_app.py` on a free port and wait until /health answers 200."""
+def start_server(log_dir: Path, *args: str, ready_within: float = 120.0, script: Path = APP) -> Server:
+    """Start `serve/judge_app.py` (or another `script` taking `--port`) on a free port; wait until /health is 200."""
     port = _free_port()
     log = log_dir / f"judge-{port}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(APP), "--port", str(port), *args],
+            [sys.executable, str(script), "--port", str(port), *args],
             stdout=out, stderr=subprocess.STDOUT, cwd=log_dir, env=env,
         )
     server = Server(proc, port, log)

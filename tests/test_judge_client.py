@@ -9,7 +9,7 @@ import time
 import pytest
 
 from video_r2.judge import JudgeClient, JudgeUnavailableError, parse_claims, parse_verdict
-from video_r2.judge_prompts import consistency_messages, extraction_messages
+from video_r2.judge.prompts import consistency_messages, extraction_messages
 
 THINK = "At 00:03 a blue triangle fills the screen, so the answer is C."
 
@@ -52,11 +52,57 @@ def test_parse_claims_empty_object_is_an_answer_and_garbage_is_not():
         ("```\nFALSE\n```\nbecause", False),
         ("<think>Is it TRUE? Hmm.</think>\nFALSE\nIt says B.", False),
         ("The reasoning is consistent.\nTRUE", None),  # the verdict must be on the first line
-        ("TRUEST answer", None),
+        ("TRUEST answer", True),  # the original reads a first line that starts with TRUE as TRUE
+        ("false: it concludes B", False),
+        ("Verdict: TRUE, not FALSE", None),  # both words and neither first: undecidable, as in the original
+        ("UNTRUE", None),
     ],
 )
 def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) is verdict
+
+
+def test_parse_claims_reads_a_null_claim_as_empty():
+    assert parse_claims('{"00:03": null, "00:05": "A star."}') == {"00:03": "", "00:05": "A star."}
+
+
+# -- the prompts follow the original's structure, rules and output format ------------------------
+
+
+def test_extraction_prompt_asks_for_normalised_keys_as_the_original():
+    system, user = extraction_messages("At 16 seconds a dog barks.")
+    assert system["role"] == "system" and user["role"] == "user"
+    for section in ("Goal:", "Output format (STRICT):", "Content rules:"):
+        assert section in system["content"]
+    for section in ("STRICT KEYS FORMAT:", "VALUES:", "The text:\nAt 16 seconds a dog barks.\n"):
+        assert section in user["content"]
+    text = system["content"] + user["content"]
+    for rule in ("MM:SS or HH:MM:SS", "leading zeros", '"00:42-00:45"', "single hyphen", "plain seconds",
+                 "rounded to the nearest second", '"around 16 seconds" becomes "00:16"', "≤ 10 words",
+                 "mentioned more than once becomes a single key", "ascending", "return exactly {}"):
+        assert rule in text, rule
+    assert user["content"].endswith("At 16 seconds a dog barks.\n")
+
+
+def test_consistency_prompt_is_an_audit_in_the_original_layout():
+    system, user = consistency_messages(" Which shape? ", THINK, "C")
+    assert system["role"] == "system" and "auditor" in system["content"]
+    assert user["content"].startswith("QUESTION:\nWhich shape?\n\nTHINK (model's internal reasoning):\n" + THINK)
+    assert "\n\nANSWER (model's final answer):\nC\n\nTASK:\n1) " in user["content"]
+    assert "TRUE or FALSE" in user["content"] and "1-3 sentences" in user["content"]
+    empty = consistency_messages("", "", "")[1]["content"]
+    assert empty.startswith("QUESTION:\n(none)\n\nTHINK (model's internal reasoning):\n(missing)\n\nANSWER")
+
+
+def test_prompt_readers_give_the_fields_back():
+    from video_r2.judge.prompts import read_consistency_request, read_extraction_request
+
+    tricky = "At 00:03 a star.\n\nANSWER (model's final answer):\nquoted\nThe text:\n"
+    assert read_extraction_request(extraction_messages(tricky)) == tricky
+    assert read_consistency_request(consistency_messages("Q?", tricky, "C")) == ("Q?", tricky.strip(), "C")
+    assert read_extraction_request(consistency_messages("Q?", THINK, "C")) is None
+    assert read_consistency_request(extraction_messages(THINK)) is None
+    assert read_extraction_request([{"role": "user", "content": "hello"}]) is None
 
 
 # -- the client over HTTP -----------------------------------------------------------------------

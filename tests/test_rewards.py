@@ -7,7 +7,7 @@ import re
 import pytest
 
 from video_r2.judge import JudgeClient, JudgeUnavailableError
-from video_r2.judge_prompts import read_consistency_request, read_extraction_request
+from video_r2.judge.prompts import read_consistency_request, read_extraction_request
 from video_r2.rewards import (
     REWARDS,
     RewardContext,

@@ -299,14 +299,14 @@ def build_model(tokenizer, text_hidden: int, text_layers: int, vision_hidden: in
 
 def _corpus(records: list[dict]) -> list[str]:
     """Text the tokenizer learns its merges from: the dataset, our prompts, and the chat markup."""
-    from video_r2 import judge_prompts
+    from video_r2.judge import prompts as judge_prompts
     from video_r2.schema import DEFAULT_SYSTEM_PROMPT
 
     texts = [DEFAULT_SYSTEM_PROMPT] * 50  # every training prompt starts with it: give it whole-word merges
     for r in records:
         texts += [c["value"].replace("<video>\n", "") for c in r["conversations"]]
         texts += list(r["temporal_grounding"].values())
-        texts.append(judge_prompts.extraction_messages(r["conversations"][1]["value"])[0]["content"])
+        texts += [m["content"] for m in judge_prompts.extraction_messages(r["conversations"][1]["value"])]
     texts += ["system", "user", "assistant", "You are a helpful assistant.", "TRUE", "FALSE"]
     return texts * 3
 

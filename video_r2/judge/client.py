@@ -2,7 +2,7 @@
 
 TAR asks a judge LLM two questions per completion: which `timestamp -> claim` pairs the reasoning
 states (extraction), and whether the reasoning supports the final answer (the consistency gate).
-The prompts live in `video_r2.judge_prompts`, shared with the judge server's rules backend, and are
+The prompts live in `video_r2.judge.prompts`, shared with the judge server's rules backend, and are
 used here unchanged.
 
 Where this departs from the original Video-R2 code, which made two blocking calls per completion one
@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 import openai
 
-from video_r2.judge_prompts import consistency_messages, extraction_messages
+from video_r2.judge.prompts import consistency_messages, extraction_messages
 
 T = TypeVar("T")
 
@@ -78,7 +78,8 @@ def _as_claims(value: Any) -> dict[str, str] | None:
         value = merged
     if not isinstance(value, dict):
         return None
-    return {str(key).strip(): str(claim).strip() for key, claim in value.items()}
+    # A null claim reads as empty, as in the original, so TAR drops it rather than matching the word "None".
+    return {str(key).strip(): "" if claim is None else str(claim).strip() for key, claim in value.items()}
 
 
 def parse_claims(text: str) -> dict[str, str] | None:
@@ -108,11 +109,19 @@ def parse_claims(text: str) -> dict[str, str] | None:
 
 
 def parse_verdict(text: str) -> bool | None:
-    """Read the consistency answer: TRUE/FALSE anywhere on the first non-empty line, else None."""
+    """Read the consistency answer from its first non-empty line, as the original does, or None.
+
+    A line that starts with TRUE or FALSE (any case, "TRUE." or "FALSE:" too) is that verdict; otherwise the
+    verdict is the one of the two words that the line holds ("**Verdict: TRUE**"); a line with both or neither
+    is no answer.
+    """
     lines = [line.strip() for line in _CODE_FENCE.sub("", _strip_reasoning(text)).splitlines()]
-    first_line = next((line for line in lines if line), "")
-    match = _VERDICT.search(first_line)
-    return None if match is None else match.group(1).upper() == "TRUE"
+    first_line = next((line for line in lines if line), "").upper()
+    for word in ("TRUE", "FALSE"):
+        if first_line.startswith(word):
+            return word == "TRUE"
+    found = {match.upper() for match in _VERDICT.findall(first_line)}
+    return None if len(found) != 1 else found == {"TRUE"}
 
 
 # ---------------------------------------------------------------------------------------------------
