@@ -47,7 +47,7 @@ def build_checkpoint(out: Path, size: str) -> Path:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from video_r2.synthetic import QWEN_SPECIAL_TOKENS, build_processor, build_tokenizer
-    from video_r2.schema import DEFAULT_SYSTEM_PROMPT
+    from video_r2.data.chat import DEFAULT_SYSTEM_PROMPT
 
     corpus = [DEFAULT_SYSTEM_PROMPT, "What fills the screen at 00:03? A) red B) green C) blue D) yellow",
               "<think>At 00:03 a blue triangle fills the screen, so the answer is C.</think><answer>C</answer>"] * 20

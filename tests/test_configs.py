@@ -45,8 +45,11 @@ def test_the_recipe_configs_carry_the_originals_values():
     grpo = yaml.safe_load((REPO / "configs/grpo.yaml").read_text())
     for cfg in (sft, grpo):
         assert cfg["data"]["system_prompt"] == "You are a helpful assistant."  # both stages, as the original
-        assert cfg["data"]["video_min_pixels"] == 128 * 28 * 28 and cfg["data"]["video_max_pixels"] == 360 * 420
+        assert cfg["data"]["sampling"]["video_min_pixels"] == 128 * 28 * 28
+        assert cfg["data"]["sampling"]["video_max_pixels"] == 360 * 420
+        assert cfg["data"]["sampling"]["frame_positions"] == "linspace"  # the original's frame positions
     sampling = grpo["model"]["init_args"]["rollout"]
     assert (sampling["temperature"], sampling["top_k"], sampling["num_generations"]) == (0.9, 50, 8)
-    assert (sft["data"]["fps"], sft["data"]["max_frames"], grpo["data"]["fps"], grpo["data"]["max_frames"]) == (
+    s, g = sft["data"]["sampling"], grpo["data"]["sampling"]
+    assert (s["fps"], s["max_frames"], g["fps"], g["max_frames"]) == (
         1.0, 128, 2.0, 32)

@@ -1,4 +1,4 @@
-"""video_r2.data / video_r2.schema: records -> batches, bad input, length budget, `check-data`.
+"""The video_r2.data package: records -> batches, bad input, length budget, `check-data`.
 
 Real decoding of the tiny demo's videos (8 s, 56x56, 8 fps) and the tiny demo's processor and model.
 """
@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from video_r2 import data as D
-from video_r2.schema import DataValidationError, load_dataset, read_records
+from video_r2 import video as V
+from video_r2.data import DataValidationError, load_dataset, read_records
+from video_r2.data.dataset import _MAX_CONSECUTIVE_SKIPS as MAX_CONSECUTIVE_SKIPS
 
 HEADER = "<|im_start|>assistant\n"
 
@@ -39,7 +41,8 @@ def records(tiny_demo, stage="sft"):
 
 def dataset(tiny_demo, processor, recs, stage="sft", fps=1.0, max_frames=128, **kw):
     sampling = D.Sampling(fps=fps, max_frames=max_frames, min_frames=kw.pop("min_frames", 4),
-                          video_min_pixels=kw.pop("video_min_pixels", D.VIDEO_MIN_PIXELS))
+                          video_min_pixels=kw.pop("video_min_pixels", D.Sampling().video_min_pixels),
+                          frame_positions=kw.pop("frame_positions", "linspace"))
     return D.VideoR2Dataset(recs, processor, tiny_demo / "data" / "videos", tiny_demo / "data" / "subtitles",
                             stage=stage, sampling=sampling, **kw)
 
@@ -71,14 +74,18 @@ def test_sft_labels_are_exactly_the_assistant_reply(tiny_demo, processor):
     tok = processor.tokenizer
     ids, labels = item["input_ids"], item["labels"]
     kept = (labels != D.IGNORE_INDEX).nonzero().flatten()
-    # one contiguous span, equal to the input ids there, ending in <|im_end|>, right after the header
+    # one contiguous span, equal to the input ids there, right after the header, ending in <|im_end|> and
+    # the newline after it: the original labels `{reply}<|im_end|>\n` (its sft_dataset), so do we
     assert kept.tolist() == list(range(int(kept[0]), int(kept[-1]) + 1))
     assert torch.equal(labels[kept], ids[kept])
-    assert tok.decode(labels[kept]) == reference + "<|im_end|>"
+    assert tok.decode(labels[kept]) == reference + "<|im_end|>\n"
     header = tok.encode(HEADER, add_special_tokens=False)
     assert ids[kept[0] - len(header): kept[0]].tolist() == header
-    assert len(kept) == len(tok.encode(reference, add_special_tokens=False)) + 1
-    assert tok.decode(ids[kept[-1] + 1:]) == "\n"  # only the template's newline follows
+    newline = tok.encode("\n", add_special_tokens=False)
+    assert len(kept) == len(tok.encode(reference, add_special_tokens=False)) + 1 + len(newline)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert labels[kept[-1] - len(newline)] == im_end and labels[-len(newline):].tolist() == newline
+    assert int(kept[-1]) == len(ids) - 1  # the newline is the sample's last token: nothing is left out
     # the rest: system prompt, user turn with the video; video tokens are marked 2, all else 0
     video_id = tok.convert_tokens_to_ids("<|video_pad|>")
     assert torch.equal(item["mm_token_type_ids"] == 2, ids == video_id)
@@ -99,7 +106,7 @@ def test_multi_turn_labels_cover_every_reply(tiny_demo, processor):
         if b != a + 1:
             spans.append(tok.decode(labels[start:a + 1]))
             start = b
-    assert spans == [rec["conversations"][1]["value"] + "<|im_end|>", rec["conversations"][3]["value"] + "<|im_end|>"]
+    assert spans == [rec["conversations"][1]["value"] + "<|im_end|>\n", rec["conversations"][3]["value"] + "<|im_end|>\n"]
     assert "Are you sure?" in tok.decode(item["input_ids"]) and "Be brief." in tok.decode(item["input_ids"])
 
 
@@ -109,23 +116,33 @@ def test_multi_turn_labels_cover_every_reply(tiny_demo, processor):
 
 
 @pytest.mark.parametrize("fps,max_frames,frames", [(2.0, 32, 16), (2.0, 8, 8), (1.0, 128, 8)])
-def test_second_per_grid_ts_is_temporal_patch_over_sampled_fps(tiny_demo, processor, fps, max_frames, frames):
+def test_second_per_grid_ts_and_frame_indices_are_qwen_vl_utils(tiny_demo, processor, fps, max_frames, frames):
     ds = dataset(tiny_demo, processor, records(tiny_demo, "grpo")[:1], "grpo", fps=fps, max_frames=max_frames)
     item = ds[0]
     times = item["sample"]["frame_times"][0]
-    assert len(times) == frames
-    sampled_fps = frames / 8.0  # frames spread evenly over the 8 s video
-    spacing = torch.tensor(times).diff()
-    assert torch.allclose(spacing, torch.full_like(spacing, 1 / sampled_fps))
+    indices = torch.linspace(0, 63, frames).round().long().tolist()  # the demo videos: 64 frames at 8 fps
+    assert len(times) == frames and times == pytest.approx([i / 8 for i in indices])
     tps = processor.video_processor.temporal_patch_size
-    assert item["second_per_grid_ts"].tolist() == pytest.approx([tps / sampled_fps])
+    sample_fps = frames / 64 * 8.0  # qwen-vl-utils' sample fps: nframes / total_frames * video_fps
+    assert item["second_per_grid_ts"].tolist() == pytest.approx([tps / sample_fps])
     assert item["video_grid_thw"].tolist() == [[frames // tps, 4, 4]]
-    # the metadata handed to the processor gives the same rate (and the real frame indices)
+    # the metadata handed to the processor gives the same rate and the real frame indices, and the
+    # processor's own second_per_grid_ts from it is ours
     media = ds._media(0, ds.records[0])
     D.plan_media(media, ds.sampling)
     _, pts, meta = ds._frames(0, media[0])
-    assert meta.sampled_fps == pytest.approx(sampled_fps) and pts == times
-    assert meta.frames_indices == [round(t * 8) for t in times]
+    assert meta.sampled_fps == pytest.approx(sample_fps) and pts == times and meta.frames_indices == indices
+    video = torch.zeros(frames, 3, 56, 56, dtype=torch.uint8)
+    out = processor(text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[video], return_tensors="pt",
+                    videos_kwargs={**ds._video_kwargs, "video_metadata": [meta]})
+    assert torch.as_tensor(out["second_per_grid_ts"]).tolist() == pytest.approx(item["second_per_grid_ts"].tolist())
+
+
+def test_centres_positions_are_an_option(tiny_demo, processor):
+    ds = dataset(tiny_demo, processor, records(tiny_demo, "grpo")[:1], "grpo", fps=2.0, max_frames=32,
+                 frame_positions="centres")
+    times = ds[0]["sample"]["frame_times"][0]
+    assert times == pytest.approx([(i + 0.5) * 0.5 for i in range(16)])  # the frame shown at each slot centre
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,7 +157,7 @@ def datamodule(tiny_demo, processor, stage, **kw):
     data = tiny_demo / "data"
     dm = D.VideoDataModule(str(kw.pop("data_path", data / f"video-r2-{stage}-dataset.json")), str(data / "videos"),
                            str(tiny_demo / "model"), stage=stage, subtitles_folder=str(data / "subtitles"),
-                           fps=2.0 if stage == "grpo" else 1.0, max_frames=32 if stage == "grpo" else 128,
+                           sampling=D.Sampling(fps=2.0, max_frames=32) if stage == "grpo" else D.Sampling(),
                            **{"batch_size": 2, **kw})
     dm.processor = processor  # the shared one: loading it takes seconds
     return dm
@@ -229,7 +246,7 @@ def test_jsonl_and_image_records(tiny_demo, processor, tmp_path):
     item = dataset(tiny_demo, processor, loaded)[2]
     assert item["image_grid_thw"].tolist() == [[1, 4, 6]] and item["pixel_values"].shape[0] == 24
     assert "pixel_values_videos" not in item
-    assert processor.tokenizer.decode(item["labels"][item["labels"] != -100]) == "<think>Red.</think><answer>red</answer><|im_end|>"
+    assert processor.tokenizer.decode(item["labels"][item["labels"] != -100]) == "<think>Red.</think><answer>red</answer><|im_end|>\n"
     batch = D.Collator(0)([dataset(tiny_demo, processor, loaded)[0], item])
     assert batch["pixel_values"].shape[0] == 24 and batch["video_grid_thw"].shape == (1, 3)
     path.write_text(json.dumps(recs[0]) + "\n{not json\n" + json.dumps(recs[1]) + "\n")
@@ -239,8 +256,8 @@ def test_jsonl_and_image_records(tiny_demo, processor, tmp_path):
 
 def test_subtitles_found_by_stem(tiny_demo, processor, monkeypatch):
     seen = []
-    real = D.V.overlay_frames
-    monkeypatch.setattr(D.V, "overlay_frames", lambda f, t, cues, *a: seen.append(cues) or real(f, t, cues, *a))
+    real = V.overlay_frames
+    monkeypatch.setattr(V, "overlay_frames", lambda f, t, cues, *a: seen.append(cues) or real(f, t, cues, *a))
     recs = records(tiny_demo)
     with_srt = recs[0]  # sft_0000 has an .srt (every other video does)
     without = next(r for r in recs if r["video"] == "sft_0001.mp4")
@@ -347,7 +364,7 @@ def test_too_long_sample_shrinks_frames_then_pixels(tiny_demo, processor, caplog
                                 on_bad_sample="skip")
     with pytest.raises(RuntimeError, match="bad samples in a row"):  # every sample is too long
         skipping[0]
-    assert skipping.skipped["too long"] == D._MAX_CONSECUTIVE_SKIPS
+    assert skipping.skipped["too long"] == MAX_CONSECUTIVE_SKIPS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,6 +407,6 @@ def test_check_data_cli_flags(tiny_demo, capsys):
 
     data = tiny_demo / "data"
     main(["check-data", f"--data-path={data / 'video-r2-grpo-dataset.json'}", f"--video-folder={data / 'videos'}",
-          "--stage=grpo", "--fps=2.0", "--max-frames=32"])
+          "--stage=grpo", "--sampling.fps=2.0", "--sampling.max-frames=32"])
     out = capsys.readouterr().out
     assert "min 16  median 16" in out and "OK" in out

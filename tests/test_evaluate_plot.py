@@ -13,14 +13,15 @@ VIDEO_R2 = str(Path(sys.executable).parent / "video-r2")
 
 
 def test_evaluate_scores_with_the_training_rewards_and_baselines(tiny_demo, rules_judge, tmp_path):
+    from video_r2.data import Sampling
     from video_r2.evaluate import evaluate
 
     data = tiny_demo / "data"
     out = tmp_path / "eval.json"
     results = evaluate(
         model=str(tiny_demo / "model"), data_path=str(data / "video-r2-eval-dataset.json"),
-        video_folder=str(data / "videos"), subtitles_folder=str(data / "subtitles"), fps=2.0, max_frames=16,
-        video_max_pixels=3136, judge_base_url=rules_judge.base_url, max_new_tokens=8, batch_size=2, out=str(out),
+        video_folder=str(data / "videos"), subtitles_folder=str(data / "subtitles"),
+        sampling=Sampling(fps=2.0, max_frames=16, video_max_pixels=3136), judge_base_url=rules_judge.base_url, max_new_tokens=8, batch_size=2, out=str(out),
     )
     saved = json.loads(out.read_text())
     assert saved["num_samples"] == results["num_samples"] == 4

@@ -13,12 +13,12 @@ import torch
 
 def video_batch(demo: Path) -> dict:
     """Two real samples (video + text) from the data pipeline, as model inputs."""
-    from video_r2.data import VideoDataModule
+    from video_r2.data import Sampling, VideoDataModule
 
     dm = VideoDataModule(
         data_path=str(demo / "data" / "video-r2-sft-dataset.json"), video_folder=str(demo / "data" / "videos"),
-        processor_path=str(demo / "model"), stage="sft", fps=2.0, max_frames=16,
-        video_min_pixels=56 * 56, video_max_pixels=56 * 56,
+        processor_path=str(demo / "model"), stage="sft",
+        sampling=Sampling(fps=2.0, max_frames=16, video_min_pixels=56 * 56, video_max_pixels=56 * 56),
     )
     dm.setup("fit")
     batch = dm.collator()([dm.train_dataset[0], dm.train_dataset[1]])

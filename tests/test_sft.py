@@ -28,12 +28,12 @@ PYTHON = sys.executable
 
 def data_module(demo: Path, batch_size: int = 2):
     """The real data pipeline on the tiny demo, sized like configs/demo/sft.yaml (16 frames at 2 fps)."""
-    from video_r2.data import VideoDataModule
+    from video_r2.data import Sampling, VideoDataModule
 
     dm = VideoDataModule(
         data_path=str(demo / "data" / "video-r2-sft-dataset.json"), video_folder=str(demo / "data" / "videos"),
         subtitles_folder=str(demo / "data" / "subtitles"), processor_path=str(demo / "model"), stage="sft",
-        fps=2.0, max_frames=16, video_min_pixels=56 * 56, video_max_pixels=56 * 56, batch_size=batch_size,
+        sampling=Sampling(fps=2.0, max_frames=16, video_min_pixels=56 * 56, video_max_pixels=56 * 56), batch_size=batch_size,
     )
     dm.setup("fit")
     return dm
@@ -200,7 +200,7 @@ def test_recipe_config_values():
     assert (m["lora"]["r"], m["lora"]["alpha"], m["lora"]["dropout"]) == (64, 64, 0.05)
     o = m["optim"]
     assert (o["lr"], o["merger_lr"], o["vision_lr"], o["weight_decay"], o["warmup_ratio"]) == (1e-5, 1e-5, 2e-6, 0.1, 0.03)
-    assert (d["fps"], d["max_frames"], d["video_max_pixels"]) == (1.0, 128, 360 * 420)
+    assert (d["sampling"]["fps"], d["sampling"]["max_frames"], d["sampling"]["video_max_pixels"]) == (1.0, 128, 360 * 420)
     assert d["draw_timestamps"] and d["draw_subtitles"]
     assert "TensorBoardLogger" in t["logger"]["class_path"]
 

@@ -1,4 +1,6 @@
-"""video.py on real videos: the tests encode tiny H.264 clips with torchcodec and decode them back.
+"""video.py, overlay.py and the frame planning of data/budget.py, on real videos: the tests encode tiny
+H.264 clips with torchcodec and decode them back. qwen-vl-utils 0.0.14 (what the original recipe forks)
+is the oracle for frame counts, positions, sizes and second_per_grid_ts.
 
 Each test clip's frame i is one flat colour that encodes i (red = 8 i, green = 255 - 8 i), so a
 decoded frame tells which source frame it is, after compression, within a few levels.
@@ -16,22 +18,19 @@ from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
 
 from video_r2 import video
+from video_r2.data.budget import fit_size, frame_indices, plan_frames, sample_times, seconds_per_grid
+from video_r2.overlay import draw_subtitle, draw_timestamp, overlay_frames, subtitle_at
 from video_r2.video import (
     Cue,
     SubtitleWarning,
     VideoDecodeError,
-    draw_subtitle,
-    draw_timestamp,
-    fit_size,
     format_hms,
+    load_frames,
     load_image,
-    overlay_frames,
     parse_srt,
-    plan_frames,
     probe,
+    resize_frames,
     sample_frames,
-    sample_times,
-    subtitle_at,
 )
 
 COLOUR_STEP = 8  # red levels between consecutive frames: H.264 keeps flat colours within ~3
@@ -63,31 +62,65 @@ def clip(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "duration, fps, max_frames, min_frames, expected",
+    "seconds, fps, max_frames, min_frames, expected",
     [
-        (10.0, 1.0, 128, 4, 10),  # duration * fps, already even
+        (10.0, 1.0, 128, 4, 10),  # seconds * fps, already even
         (10.0, 2.0, 32, 4, 20),
-        (7.0, 1.0, 128, 4, 8),  # odd 7 rounds to an even 8
-        (5.0, 1.0, 128, 4, 6),  # odd 5: halves round up
+        (7.0, 1.0, 128, 4, 6),  # odd 7 floors to an even 6 (the original's FRAME_FACTOR rule)
+        (5.0, 1.0, 128, 4, 4),
         (600.0, 2.0, 32, 4, 32),  # capped by max_frames
         (600.0, 2.0, 33, 4, 32),  # an odd cap rounds down to stay within it
-        (1.0, 1.0, 128, 4, 4),  # shorter than min_frames / fps: still min_frames
-        (0.0, 1.0, 128, 4, 4),
+        (1.0, 1.0, 128, 4, 4),  # shorter than min_frames / fps: still min_frames ...
+        (0.1, 1.0, 128, 4, 2),  # ... but never more than the video has (3 frames: floored to 2)
+        (1 / 30, 1.0, 128, 4, 2),  # one frame: 2, that frame twice (qwen-vl-utils raises here)
         (1.0, 1.0, 128, 3, 4),  # an odd floor rounds up to stay above it
     ],
 )
-def test_plan_frames_is_even_and_bounded(duration, fps, max_frames, min_frames, expected):
-    assert plan_frames(duration, fps, max_frames, min_frames) == expected
+def test_plan_frames_follows_the_originals_rule(seconds, fps, max_frames, min_frames, expected):
+    assert plan_frames(round(seconds * 30), 30.0, fps, max_frames, min_frames) == expected
 
 
 def test_plan_frames_rejects_impossible_bounds():
     with pytest.raises(ValueError, match="max_frames"):
-        plan_frames(10.0, 1.0, max_frames=3, min_frames=4)
+        plan_frames(300, 30.0, 1.0, max_frames=3, min_frames=4)
     with pytest.raises(ValueError, match="fps"):
-        plan_frames(10.0, 0.0, max_frames=8)
+        plan_frames(300, 30.0, 0.0, max_frames=8)
 
 
-def test_sample_times_are_slot_centres_inside_the_video():
+DURATIONS = [0.5, 1.0, 2.5, 4.0, 7.3, 10.0, 33.3, 60.0, 127.0, 300.0]
+NATIVE_FPS = [24.0, 25.0, 30000 / 1001, 30.0]
+
+
+@pytest.mark.parametrize("native_fps", NATIVE_FPS)
+@pytest.mark.parametrize("fps", [1.0, 2.0])
+@pytest.mark.parametrize("max_frames", [16, 32, 128])
+def test_frame_count_and_positions_equal_qwen_vl_utils(native_fps, fps, max_frames):
+    from qwen_vl_utils.vision_process import smart_nframes
+
+    for seconds in DURATIONS:
+        total = round(seconds * native_fps)
+        n = plan_frames(total, native_fps, fps, max_frames, 4)
+        assert n == smart_nframes({"fps": fps, "max_frames": max_frames, "min_frames": 4}, total, native_fps)
+        expected = torch.linspace(0, total - 1, n).round().long().tolist()
+        assert frame_indices(total, n) == expected
+        assert expected[0] == 0 and expected[-1] == total - 1  # first and last frame included
+
+
+@pytest.mark.parametrize("pixels", [(56 * 56, 56 * 56), (56 * 56, 360 * 420), (128 * 28 * 28, 360 * 420),
+                                    (128 * 28 * 28, 768 * 28 * 28)])
+def test_sizes_equal_qwen_vl_utils(pixels):
+    from qwen_vl_utils.vision_process import smart_resize
+
+    for height, width in [(48, 64), (56, 56), (240, 320), (360, 640), (480, 854), (720, 1280), (1080, 1920),
+                          (1920, 1080), (405, 720), (77, 1234), (1000, 333)]:
+        theirs = smart_resize(height, width, 28, *pixels)
+        if min(theirs) > 0:
+            assert fit_size(height, width, *pixels) == theirs
+        else:  # a thin strip in a tiny budget: qwen-vl-utils gives a 0-pixel side, we keep one patch row
+            assert min(fit_size(height, width, *pixels)) == 28
+
+
+def test_centres_are_slot_centres_inside_the_video():
     times = sample_times(start=1.0, duration=4.0, num_frames=8)
     assert times == pytest.approx([1.25 + 0.5 * i for i in range(8)])
     assert all(1.0 <= t < 5.0 for t in times)
@@ -129,10 +162,18 @@ def test_probe_reads_the_header(clip):
     assert info.fps == pytest.approx(10.0)
 
 
-def test_sampled_frames_are_the_frames_shown_at_their_times(clip):
+def test_sampled_frames_run_from_the_first_to_the_last_frame(clip):
     frames, timestamps = sample_frames(clip, fps=2.0, max_frames=32)
     assert frames.dtype == torch.uint8 and frames.shape[:2] == (6, 3)  # 3 s at 2 fps
-    assert timestamps == sorted(timestamps) and len(set(timestamps)) == 6
+    indices = frame_indices(30, 6)
+    assert indices == [0, 6, 12, 17, 23, 29]  # linspace(0, 29, 6), rounded half to even
+    assert timestamps == pytest.approx([i / 10 for i in indices])  # each frame's real pts
+    assert [frame_index(f) for f in frames] == indices
+
+
+def test_centres_option_takes_the_frames_shown_at_the_slot_centres(clip):
+    frames, timestamps = sample_frames(clip, fps=2.0, max_frames=32, positions="centres")
+    assert frames.shape[:2] == (6, 3) and timestamps == sorted(timestamps) and len(set(timestamps)) == 6
     # Each time is the real pts of the frame at the centre of its 0.5 s slot ...
     wanted = sample_times(0.0, 3.0, 6)
     assert timestamps == pytest.approx([math.floor(t * 10) / 10 for t in wanted])
@@ -158,12 +199,11 @@ def test_max_frames_spreads_the_frames_over_the_whole_video(clip):
     assert max(gaps) - min(gaps) <= 0.1 + 1e-9  # even spacing, up to one frame of quantisation
 
 
-def test_short_video_still_yields_min_frames(tmp_path):
-    short = write_clip(tmp_path / "short.mp4", num_frames=3, fps=10)  # 0.3 s, fewer frames than asked
+def test_short_video_gives_no_more_frames_than_it_has(tmp_path):
+    short = write_clip(tmp_path / "short.mp4", num_frames=3, fps=10)  # 0.3 s, fewer frames than min_frames
     frames, timestamps = sample_frames(short, fps=1.0, max_frames=32, min_frames=4)
-    assert len(frames) == len(timestamps) == 4
-    assert timestamps == sorted(timestamps) and all(0.0 <= t < 0.3 for t in timestamps)
-    assert [frame_index(f) for f in frames] == [round(t * 10) for t in timestamps]
+    assert len(frames) == len(timestamps) == 2  # capped at 3 frames, floored to an even count (the original)
+    assert [frame_index(f) for f in frames] == [0, 2] and timestamps == pytest.approx([0.0, 0.2])
 
 
 def test_frame_count_override(clip):
@@ -190,7 +230,7 @@ def test_only_the_sampled_frames_are_requested_from_the_decoder(clip, monkeypatc
         original = getattr(VideoDecoder, name)
 
         def method(self, *args, **kwargs):
-            asked = kwargs.get("seconds", args[0] if args else None)
+            asked = kwargs.get("seconds", kwargs.get("indices", args[0] if args else None))
             calls.append((name, len(asked) if isinstance(asked, (list, tuple)) else -1))
             return original(self, *args, **kwargs)
 
@@ -206,8 +246,10 @@ def test_only_the_sampled_frames_are_requested_from_the_decoder(clip, monkeypatc
     monkeypatch.setattr(video, "VideoDecoder", open_spy)
 
     frames, _ = sample_frames(clip, fps=2.0, max_frames=32)
-    assert calls == [("get_frames_played_at", len(frames))]
-    assert seek_modes == ["approximate"]  # no whole-file scan either
+    assert calls == [("get_frames_at", len(frames))]  # by index: linspace positions
+    frames, _ = sample_frames(clip, fps=2.0, max_frames=32, positions="centres")
+    assert calls[1:] == [("get_frames_played_at", len(frames))]  # by time: slot centres
+    assert seek_modes == ["approximate"] * 2  # no whole-file scan either
 
 
 def test_missing_video_names_the_path(tmp_path):
@@ -327,8 +369,8 @@ def test_subtitle_is_drawn_at_the_bottom_centre_wrapped_to_the_width():
 def test_overlay_draws_each_frames_time_and_the_cue_showing_then(clip):
     frames, timestamps = sample_frames(clip, fps=2.0, max_frames=32, min_pixels=112 * 196, max_pixels=112 * 196)
     cues = [Cue(0.0, 1.0, "first cue"), Cue(1.0, 1.9, "second cue"), Cue(2.5, 3.0, "last cue")]
-    # Frames at 0.2, 0.7, 1.2, 1.7, 2.2, 2.7 s; worked out by hand from the cue table.
-    assert timestamps == pytest.approx([0.2, 0.7, 1.2, 1.7, 2.2, 2.7])
+    # Frames 0, 6, 12, 17, 23, 29 of 10 fps; worked out by hand from the cue table.
+    assert timestamps == pytest.approx([0.0, 0.6, 1.2, 1.7, 2.3, 2.9])
     showing = ["first cue", "first cue", "second cue", "second cue", None, "last cue"]
 
     drawn = overlay_frames(frames, timestamps, cues)
@@ -385,3 +427,79 @@ def test_parse_srt_skips_malformed_cues_with_file_and_line(tmp_path):
     messages = [str(w.message) for w in caught]
     assert [m.split(": ")[0] for m in messages] == [f"{path}:5", f"{path}:9", f"{path}:13"]
     assert "before it starts" in messages[1]
+
+
+# ---------------------------------------------------------------- against qwen-vl-utils on real clips
+
+
+def coded_clip(path: Path, num_frames: int, fps: float, height: int = 96, width: int = 160) -> Path:
+    """An H.264 mp4 of a gradient whose offset moves with the frame index (any length)."""
+    y = torch.arange(height).view(height, 1)
+    x = torch.arange(width).view(1, width)
+    frames = torch.empty(num_frames, 3, height, width, dtype=torch.uint8)
+    for i in range(num_frames):
+        frames[i, 0] = (x + 7 * i) % 256
+        frames[i, 1] = (2 * y + 3 * i) % 256
+        frames[i, 2] = (5 * i) % 256
+    VideoEncoder(frames, frame_rate=fps).to_file(path)
+    return path
+
+
+@pytest.mark.parametrize("num_frames, native_fps", [(12, 24), (30, 25), (61, 30000 / 1001), (90, 30)])
+def test_real_clips_equal_qwen_vl_utils_fetch_video(tmp_path, num_frames, native_fps):
+    from qwen_vl_utils.vision_process import fetch_video
+
+    path = coded_clip(tmp_path / "clip.mp4", num_frames, native_fps)
+    info = probe(path)
+    for fps, max_frames, pixels in [(1.0, 16, (28 * 28, 84 * 140)), (2.0, 32, (56 * 56, 360 * 420))]:
+        (theirs, meta), sample_fps = fetch_video(
+            {"video": str(path), "fps": fps, "max_frames": max_frames, "min_pixels": pixels[0],
+             "max_pixels": pixels[1]}, return_video_sample_fps=True, return_video_metadata=True)
+        n = plan_frames(info.total_frames, info.native_fps, fps, max_frames, 4)
+        size = fit_size(info.height, info.width, *pixels)
+        ours, pts, indices = load_frames(path, n, size)
+        assert (info.total_frames, n, indices) == (meta["total_num_frames"], len(theirs), meta["frames_indices"])
+        assert tuple(ours.shape) == tuple(theirs.shape)
+        assert seconds_per_grid(info, n) == pytest.approx(2 / sample_fps, rel=1e-12)
+        # The same frames, resized the same way (up to uint8 rounding at the gradient's sharp wrap edge).
+        diff = (ours.float() - theirs).abs()
+        assert diff.mean() < 0.5 and diff.max() <= 8
+
+
+# ---------------------------------------------------------------- overlays drawn on the native frame
+
+
+def flat_clip(path: Path, level: int, height: int = 360, width: int = 640) -> Path:
+    VideoEncoder(torch.full((4, 3, height, width), level, dtype=torch.uint8), frame_rate=2).to_file(path)
+    return path
+
+
+def text_rows(before: torch.Tensor, after: torch.Tensor) -> int:
+    """How many rows the drawing changed (by more than a codec's or a resize's noise)."""
+    rows = ((before.int() - after.int()).abs() > 40).any(dim=0).any(dim=1).nonzero()
+    return int(rows.max() - rows.min() + 1)
+
+
+def test_time_is_drawn_on_the_native_frame_before_resizing(tmp_path):
+    light, dark = flat_clip(tmp_path / "light.mp4", 200), flat_clip(tmp_path / "dark.mp4", 20)
+    plain, _, _ = load_frames(light, 2, None)
+    native, _, _ = load_frames(light, 2, None, draw_timestamps=True)
+    # Sized from the native short side: 5% of 360 = 18 px (digits with their stroke), red on a light frame.
+    assert 0.6 * 18 <= text_rows(plain[0], native[0]) <= 1.1 * 18
+    changed = (plain[0] != native[0]).any(dim=0)
+    rows, cols = changed.nonzero(as_tuple=True)
+    assert rows.max() < 360 // 4 and cols.max() < 640 // 2  # top left
+    red, white = _text_colour_counts(plain[0], native[0])
+    assert red > 50 and white == 0
+    dark_plain, _, _ = load_frames(dark, 2, None)
+    dark_drawn, _, _ = load_frames(dark, 2, None, draw_timestamps=True)
+    red, white = _text_colour_counts(dark_plain[0], dark_drawn[0])
+    assert white > 50 and red == 0
+    # Resized to 168 x 308 after drawing: the text shrinks with the frame. Drawn after resizing it would
+    # be the 16 px floor of a 168 px frame instead, twice as tall.
+    small = (168, 308)
+    resized, _, _ = load_frames(light, 2, small, draw_timestamps=True)
+    expected = resize_frames(native, small)
+    assert torch.equal(resized, expected)
+    height = text_rows(resize_frames(plain, small)[0], resized[0])
+    assert abs(height - text_rows(plain[0], native[0]) * 168 / 360) <= 3 and height < 12

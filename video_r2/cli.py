@@ -19,7 +19,7 @@ import sys
 UTILITY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "merge-lora": ("video_r2.merge_lora", "merge_lora", "fold a LoRA adapter into its base model (HF checkpoint out)"),
     "make-demo": ("video_r2.synthetic", "make_demo", "write the tiny Qwen2.5-VL checkpoint and the synthetic dataset"),
-    "check-data": ("video_r2.data", "check_data", "validate a dataset (records, videos, subtitles, token lengths)"),
+    "check-data": ("video_r2.data.check", "check_data", "validate a dataset (records, videos, subtitles, token lengths)"),
     "plot": ("video_r2.plot", "plot_run", "draw loss, rewards, KL and lengths of a run from its TensorBoard logs"),
     "evaluate": ("video_r2.evaluate", "evaluate", "held-out accuracy, format and TAR of a checkpoint on a dataset"),
 }

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from video_r2.schema import DEFAULT_SYSTEM_PROMPT
+from video_r2.data.budget import Sampling
+from video_r2.data.chat import DEFAULT_SYSTEM_PROMPT
 
 
 def _mean(values: list[float | None]) -> float:
@@ -34,11 +35,7 @@ def evaluate(
     data_path: str,
     video_folder: str,
     subtitles_folder: str | None = None,
-    fps: float = 2.0,
-    max_frames: int = 32,
-    min_frames: int = 4,
-    video_min_pixels: int = 3136,
-    video_max_pixels: int = 360 * 420,
+    sampling: Sampling = Sampling(fps=2.0, max_frames=32),
     draw_timestamps: bool = True,
     draw_subtitles: bool = True,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
@@ -58,11 +55,8 @@ def evaluate(
         data_path: dataset file (JSON or JSON Lines), records as for GRPO (with `temporal_grounding` for TAR).
         video_folder: folder the records' videos are relative to.
         subtitles_folder: optional `<video stem>.srt` folder.
-        fps: frames sampled per second.
-        max_frames: frame cap per video.
-        min_frames: frames even for a very short video.
-        video_min_pixels: per-frame pixel floor.
-        video_max_pixels: per-frame pixel ceiling.
+        sampling: frames per second, frame caps and pixel ranges; match the model's training config
+            (default: the GRPO recipe's 2 fps, up to 32 frames).
         draw_timestamps: draw each frame's time.
         draw_subtitles: draw the subtitle at each frame.
         system_prompt: the system message; use the one the model was trained with.
@@ -88,8 +82,7 @@ def evaluate(
         raise SystemExit("the tar reward needs --judge_base_url (start one: python serve/judge_app.py --backend rules)")
     data = VideoDataModule(
         data_path=data_path, video_folder=video_folder, processor_path=model, stage="grpo",
-        subtitles_folder=subtitles_folder, fps=fps, max_frames=max_frames, min_frames=min_frames,
-        video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels, draw_timestamps=draw_timestamps,
+        subtitles_folder=subtitles_folder, sampling=sampling, draw_timestamps=draw_timestamps,
         draw_subtitles=draw_subtitles, system_prompt=system_prompt, batch_size=batch_size, num_workers=0,
         on_bad_sample="raise",
     )

@@ -300,7 +300,7 @@ def build_model(tokenizer, text_hidden: int, text_layers: int, vision_hidden: in
 def _corpus(records: list[dict]) -> list[str]:
     """Text the tokenizer learns its merges from: the dataset, our prompts, and the chat markup."""
     from video_r2.judge import prompts as judge_prompts
-    from video_r2.schema import DEFAULT_SYSTEM_PROMPT
+    from video_r2.data.chat import DEFAULT_SYSTEM_PROMPT
 
     texts = [DEFAULT_SYSTEM_PROMPT] * 50  # every training prompt starts with it: give it whole-word merges
     for r in records:
