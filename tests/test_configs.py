@@ -53,3 +53,12 @@ def test_the_recipe_configs_carry_the_originals_values():
     s, g = sft["data"]["sampling"], grpo["data"]["sampling"]
     assert (s["fps"], s["max_frames"], g["fps"], g["max_frames"]) == (
         1.0, 128, 2.0, 32)
+
+
+def test_the_grpo_recipe_takes_one_prompt_and_eight_completions_per_optimizer_step():
+    """The original: 8 GPUs, one completion each, of one prompt (global batch 8 completions)."""
+    grpo = yaml.safe_load((REPO / "configs/grpo.yaml").read_text())
+    devices, rollout, data = grpo["trainer"]["devices"], grpo["model"]["init_args"]["rollout"], grpo["data"]
+    prompts_per_step = devices // rollout["ranks_per_group"] * data["batch_size"]
+    assert (prompts_per_step, rollout["num_generations"]) == (1, 8)
+    assert data["ranks_per_group"] == rollout["ranks_per_group"] == devices == 8

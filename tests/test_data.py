@@ -231,6 +231,31 @@ def test_setup_reports_every_bad_record(tiny_demo, processor, tmp_path):
     assert dm.train_dataset is None  # nothing built
 
 
+@pytest.mark.parametrize("path", ["../../etc/passwd.mp4", "/tmp/elsewhere.mp4", "clips/../../x.mp4"])
+def test_a_video_path_may_not_leave_the_video_folder(tiny_demo, processor, tmp_path, path):
+    recs = records(tiny_demo, "sft")
+    bad = copy.deepcopy(recs[:2])
+    bad[0]["video"] = path
+    dm = datamodule(tiny_demo, processor, "sft", data_path=write(tmp_path / "escape.json", bad))
+    with pytest.raises(DataValidationError, match=r"record 0 \[video\]: .*leaves video_folder"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file: check data_path"),
+    ("[{\"id\": \"caf\xe9\"}]".encode("latin-1"), "not UTF-8 text"),
+])
+def test_a_missing_or_undecodable_dataset_file_is_named_with_what_to_do(tiny_demo, processor, tmp_path, content,
+                                                                         message):
+    path = tmp_path / "data.json"
+    if content is not None:
+        path.write_bytes(content)
+    dm = datamodule(tiny_demo, processor, "sft", data_path=str(path))
+    with pytest.raises(DataValidationError) as err:
+        dm.setup("fit")
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
 def test_jsonl_and_image_records(tiny_demo, processor, tmp_path):
     from PIL import Image
 

@@ -73,3 +73,23 @@ def test_resuming_onto_other_base_weights_is_refused(tiny_demo, tmp_path):
     refused = quiet_trainer(tmp_path / "c", max_steps=3)
     with pytest.raises(BaseMismatchError, match=r"trained from .*other weights.*Point backbone.name_or_path"):
         refused.fit(sft_module(demo, lora=True, lr=1e-2), loader(), ckpt_path=str(ckpt))
+
+
+def test_skipped_samples_reach_the_logs_summed_over_ranks(tiny_demo, tmp_path):
+    """A missing video under on_bad_sample=skip is replaced, and the count is a logged metric, not just a print."""
+    import json
+
+    from video_r2.data import Sampling, VideoDataModule
+
+    data = tiny_demo / "data"
+    recs = json.loads((data / "video-r2-sft-dataset.json").read_text())[:4]
+    recs[0]["video"] = "missing.mp4"
+    path = tmp_path / "with-a-hole.json"
+    path.write_text(json.dumps(recs))
+    dm = VideoDataModule(data_path=str(path), video_folder=str(data / "videos"), processor_path=str(tiny_demo / "model"),
+                         stage="sft", batch_size=2, shuffle=False, on_bad_sample="skip",
+                         sampling=Sampling(fps=2.0, max_frames=16, video_min_pixels=56 * 56, video_max_pixels=56 * 56))
+    trainer = quiet_trainer(tmp_path, max_steps=2)
+    trainer.fit(sft_module(tiny_demo, lora=True, lr=1e-3), datamodule=dm)
+    assert dm.skipped >= 1  # the hole was hit (a replacement draw may hit it again)
+    assert trainer.callback_metrics["data/skipped_samples"] == float(dm.skipped)

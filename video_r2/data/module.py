@@ -6,6 +6,7 @@ nothing when any is wrong; the samples themselves are made by `VideoR2Dataset` i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from video_r2.data.budget import Sampling
 from video_r2.data.chat import DEFAULT_SYSTEM_PROMPT
 from video_r2.data.dataset import Collator, VideoR2Dataset
 from video_r2.data.records import DataValidationError, load_dataset
+from video_r2.data.sampler import ResumableSampler
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class VideoDataModule(LightningDataModule):
         on_bad_sample: Literal["raise", "skip"] = "raise",
         seed: int = 0,
         cache_samples: bool = False,
+        shuffle: bool = True,
+        ranks_per_group: int = 1,
     ):
         """
         Args:
@@ -74,18 +78,25 @@ class VideoDataModule(LightningDataModule):
             val_data_path: a validation file; else val_fraction of data_path is held out.
             val_fraction: share of data_path held out for validation when val_data_path is not set.
             on_bad_sample: "raise" on a missing/undecodable/unfittable sample, or "skip" (count, log, draw another).
-            seed: seeds the validation split and the replacement draws of skipped samples.
+            seed: seeds the training order (epoch e's order is a function of (seed, e), so a resumed run
+                sees what the uninterrupted one would), the validation split and the replacement draws of
+                skipped samples.
             cache_samples: keep every processed sample in memory after its first load, so a small
                 dataset trained for many epochs is decoded once (use num_workers 0: each worker would
                 keep its own copy). Off for real datasets.
+            shuffle: a new order every epoch; off: the file's order.
+            ranks_per_group: consecutive ranks that get the same prompts; equal to the GRPO module's
+                `rollout.ranks_per_group` (groups spanning ranks); 1 for SFT.
         """
         super().__init__()
         self.save_hyperparameters()
+        # Plain types in hparams: checkpoints (which keep the data module's hparams) load with weights_only.
+        self.hparams["sampling"] = dataclasses.asdict(sampling) if dataclasses.is_dataclass(sampling) else sampling
         if stage not in ("sft", "grpo"):
             raise ValueError(f"stage must be 'sft' or 'grpo', got {stage!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.sampling = sampling
+        self.sampling = sampling if isinstance(sampling, Sampling) else Sampling(**sampling)
         self.processor = None
         self.train_dataset: VideoR2Dataset | None = None
         self.val_dataset: VideoR2Dataset | None = None
@@ -133,22 +144,31 @@ class VideoDataModule(LightningDataModule):
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return Collator(pad, "right" if self.hparams.stage == "sft" else "left")
 
-    def _loader(self, dataset: VideoR2Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: VideoR2Dataset, sampler=None) -> DataLoader:
         h = self.hparams
         return DataLoader(
-            dataset, batch_size=h.batch_size, shuffle=shuffle, num_workers=h.num_workers,
+            dataset, batch_size=h.batch_size, sampler=sampler, num_workers=h.num_workers,
             collate_fn=self.collator(), pin_memory=h.pin_memory and torch.cuda.is_available(),
             persistent_workers=h.num_workers > 0,
-            generator=torch.Generator().manual_seed(h.seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_dataset, shuffle=True)
+        h = self.hparams
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(len(self.train_dataset), h.shuffle, h.seed, world, rank, h.ranks_per_group)
+        if trainer is not None:  # a resumed run starts its epoch after the batches the checkpoint consumed
+            # `processed`, not `completed`: a checkpoint taken in on_train_batch_end (ModelCheckpoint's
+            # every_n_train_steps) has processed its batch but not yet marked it completed.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if done:
+                sampler.resume_at(trainer.current_epoch, done * h.batch_size)
+        return self._loader(self.train_dataset, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
-        return self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else []
+        return self._loader(self.val_dataset) if self.val_dataset is not None else []
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "num_skipped" in batch:

@@ -73,7 +73,15 @@ def read_records(path: str | Path) -> tuple[list[Any], list[Problem]]:
     a `None` record at its place, so record indices stay the line's record number.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM
+    except FileNotFoundError:
+        return [], [Problem(str(path), None, "<file>", "no such file: check data_path (or val_data_path)")]
+    except UnicodeDecodeError as e:
+        return [], [Problem(str(path), None, "<file>", f"not UTF-8 text (byte {e.start}): save the dataset as "
+                                                        "UTF-8 JSON or JSON Lines")]
+    except OSError as e:
+        return [], [Problem(str(path), None, "<file>", f"cannot be read ({e.strerror})")]
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -130,6 +138,10 @@ def validate_record(record: Any, stage: str = "sft") -> list[tuple[str, str]]:
         paths = [value] if isinstance(value, str) else value
         if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
             problems.append((key, "must be a non-empty path or a non-empty list of paths"))
+            continue
+        for escaping in [p for p in paths if Path(p).is_absolute() or ".." in Path(p).parts]:
+            # The folder flag says where the media are; a path out of it would open any file on the machine.
+            problems.append((key, f"{escaping!r} leaves video_folder: give paths relative to it, without '..'"))
 
     # conversations
     turns = record.get("conversations")

@@ -115,8 +115,22 @@ class GRPOModule(StageModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.global_rank if self._trainer is not None else 0
         self.groups = RankGroups(self.rollout_args.ranks_per_group, world, rank)
+        self._share_prompts_in_groups()
         if self.rollout_args.seed is None:
             self.rollout_args.seed = torch.initial_seed()  # seed_everything's seed, the same on every rank
+
+    def _share_prompts_in_groups(self) -> None:
+        """Ranks of one group must read the same prompts: tell the data module (one setting, not two)."""
+        k = self.rollout_args.ranks_per_group
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        hparams = getattr(data, "hparams", {})
+        if k == 1 or "ranks_per_group" not in hparams:
+            return
+        if hparams["ranks_per_group"] not in (1, k):
+            raise ValueError(f"data.ranks_per_group={hparams['ranks_per_group']} but "
+                             f"model.init_args.rollout.ranks_per_group={k}: set one of them (the data module "
+                             "follows the model when left at 1)")
+        hparams["ranks_per_group"] = k
 
     # ---- the training step -------------------------------------------------------------------------
 
