@@ -49,6 +49,7 @@ class ScriptedJudgeServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _JudgeHandler)
         self.reply = lambda messages, n: (200, "{}", 0.0)
         self.requests: list[list[dict]] = []
+        self.bodies: list[dict] = []  # the whole request bodies (sampling settings included)
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -82,10 +83,12 @@ class _JudgeHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         server: ScriptedJudgeServer = self.server  # type: ignore[assignment]
-        messages = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"]
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        messages = body["messages"]
         with server.lock:
             n = len(server.requests)
             server.requests.append(messages)
+            server.bodies.append(body)
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
         try:

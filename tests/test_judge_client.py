@@ -15,7 +15,7 @@ THINK = "At 00:03 a blue triangle fills the screen, so the answer is C."
 
 
 def client_for(url: str, **options) -> JudgeClient:
-    settings = dict(model="judge", timeout=2.0, retries=0, max_concurrency=16)
+    settings = dict(model="judge", timeout=2.0, retries=0, max_concurrency=16, cache=True, temperature=0.0)
     settings.update(options)
     return JudgeClient(url, **settings)
 
@@ -309,3 +309,16 @@ def test_a_refused_key_is_reported_as_an_authentication_error(judge_server, stat
     with pytest.raises(JudgeUnavailableError, match="refused authentication .*OPENAI_API_KEY") as error:
         client.check_failure_rate(since=before)
     assert "health" not in str(error.value)  # /health needs no key: checking it would not help
+
+
+def test_by_default_the_judge_samples_at_the_servers_temperature_uncached_as_the_original(judge_server):
+    """The original sends no temperature; a deterministic, cached judge is our opt-in (temperature 0)."""
+    judge_server.reply = lambda messages, n: (200, "TRUE", 0)
+    plain = JudgeClient(judge_server.base_url, "judge", retries=0)
+    for _ in range(2):
+        assert asyncio.run(plain.check_consistency("q", THINK, "C")) is True
+    assert len(judge_server.requests) == 2 and "temperature" not in judge_server.bodies[0]  # asked twice
+    deterministic = JudgeClient(judge_server.base_url, "judge", retries=0, temperature=0.0, cache=True)
+    for _ in range(2):
+        asyncio.run(deterministic.check_consistency("q", THINK, "C"))
+    assert len(judge_server.requests) == 3 and judge_server.bodies[2]["temperature"] == 0.0

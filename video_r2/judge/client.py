@@ -212,10 +212,13 @@ class JudgeClient:
         retries: further attempts after a connection error, timeout, 408/409/429 or 5xx, with the
             `openai` client's exponential backoff (0.5 s doubling, or the server's `Retry-After`).
         cache: True for an in-memory cache, a path to also keep it in a JSON-lines file across runs,
-            False for none (identical requests in flight at the same moment are still sent once).
+            False for none (identical requests in flight at the same moment are still sent once). A
+            cache only makes sense for a deterministic judge (temperature 0), so it is off by default.
         max_failure_fraction: `check_failure_rate` raises when more than this fraction of a step's
             requests got no usable answer.
         max_tokens: cap on each reply; the extraction lists every claim, so leave room.
+        temperature: the judge's sampling temperature; None sends none, so the server's default applies,
+            as in the original code. 0 makes the judge deterministic (and its answers cacheable).
     """
 
     def __init__(
@@ -226,9 +229,10 @@ class JudgeClient:
         max_concurrency: int = 16,
         timeout: float = 60.0,
         retries: int = 3,
-        cache: bool | str | os.PathLike = True,
+        cache: bool | str | os.PathLike = False,
         max_failure_fraction: float = 0.5,
         max_tokens: int = 1024,
+        temperature: float | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -240,6 +244,7 @@ class JudgeClient:
         self.retries = retries
         self.max_failure_fraction = max_failure_fraction
         self.max_tokens = max_tokens
+        self.temperature = temperature
         if cache is False or cache is None:
             self.cache: JudgeCache | None = None
         else:
@@ -388,8 +393,9 @@ class JudgeClient:
         async with state.semaphore:
             self.counts["calls"] += 1
             try:
+                sampling = {} if self.temperature is None else {"temperature": self.temperature}
                 response = await state.client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=0.0, max_tokens=max_tokens
+                    model=self.model, messages=messages, max_tokens=max_tokens, **sampling
                 )
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:  # 401 / 403
                 self.counts["auth_failures"] += 1
