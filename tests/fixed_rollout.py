@@ -46,3 +46,17 @@ class FixedRolloutGRPO(GRPOModule):
 
     def compute_rewards(self, completions: list[str], samples: list[dict]) -> dict[str, list]:
         return {"length": [float(text) / 10 for text in completions]}
+
+
+class ThinkingRolloutGRPO(FixedRolloutGRPO):
+    """The fixed rollout, read as completions that reason with a time and answer, scored by the real rewards:
+    TAR has something to ask the judge about (the random tiny model writes no <think> of its own)."""
+
+    TEXT = "<think>At 00:01 a red circle fills the screen, so the answer is A.</think><answer>A</answer>"
+
+    def sample(self, batch: dict):
+        rollout, visuals, texts = super().sample(batch)
+        return rollout, visuals, [self.TEXT] * len(texts)
+
+    def compute_rewards(self, completions: list[str], samples: list[dict]) -> dict[str, list]:
+        return GRPOModule.compute_rewards(self, completions, samples)

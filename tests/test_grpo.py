@@ -141,11 +141,15 @@ def grpo_cli(tiny_demo, judge_url: str, root, *extra: str) -> list[str]:
     ]
 
 
-def _run(args, cwd):
+def _run(args, cwd, with_test_modules: bool = False):
+    """Run a command as a user would; `with_test_modules` puts tests/ on its path (for fixed_rollout)."""
     import os
     import subprocess
+    from pathlib import Path
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if with_test_modules:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -327,8 +331,6 @@ def test_a_group_spanning_two_ranks_makes_the_update_of_one_process_holding_it(t
     """1 prompt x 4 completions per step: one process holding the group, or 2 ranks with 2 completions each
     (DDP, FSDP2). The rewards are gathered, so the advantages and the first update are the same."""
     import json
-    import os
-    import subprocess
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -350,9 +352,7 @@ def test_a_group_spanning_two_ranks_makes_the_update_of_one_process_holding_it(t
                         "--model.init_args.optim.lr", "1e-3", "--model.init_args.export.on_checkpoint", "false",
                         "--data.data_path", str(one), "--data.batch_size", "1",
                         "--data.ranks_per_group", str(ranks_per_group))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
-        out = subprocess.run(args, cwd=repo, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                             timeout=600)
+        out = _run(args, cwd=repo, with_test_modules=True)
         assert out.returncode == 0, name + "\n" + out.stdout[-3000:] + out.stderr[-3000:]
         weights[name] = load_file(root / "demo-grpo" / "hf" / "final" / "model.safetensors")
     start = load_file(tiny_demo / "model" / "model.safetensors")
@@ -365,3 +365,21 @@ def test_a_group_spanning_two_ranks_makes_the_update_of_one_process_holding_it(t
         for key, value in reference.items():
             torch.testing.assert_close(weights[name][key], value, atol=2e-5, rtol=0,
                                        msg=lambda message, name=name, key=key: f"{name}, {key}: {message}")
+
+
+def test_a_judge_outage_stops_grpo_with_a_resumable_checkpoint_and_the_command(tiny_demo, tmp_path):
+    """The judge is down (nothing listens on its port): the run stops with the URL, after writing
+    checkpoints/on_exception.ckpt and saying how to resume from it."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    # Completions that reason with a time, so TAR must ask the judge.
+    out = _run(grpo_cli(tiny_demo, "http://127.0.0.1:9/v1", tmp_path, "--trainer.max_steps", "3",
+                        "--model", "fixed_rollout.ThinkingRolloutGRPO",
+                        "--model.init_args.judge.init_args.retries", "0"), cwd=repo, with_test_modules=True)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "127.0.0.1:9" in text  # the error names the judge's URL
+    ckpt = tmp_path / "demo-grpo" / "checkpoints" / "on_exception.ckpt"
+    assert ckpt.exists(), text[-3000:]
+    assert f"--ckpt_path {ckpt}" in text
