@@ -53,11 +53,13 @@ def write(path: Path, recs) -> Path:
 
 
 def corrupt_video(tmp_path: Path, tiny_demo) -> Path:
-    """An mp4 cut after its first kilobytes: the header may read, the frames do not."""
-    src = (tiny_demo / "data" / "videos" / "sft_0000.mp4").read_bytes()
-    bad = tmp_path / "corrupt.mp4"
+    """corrupt.mp4 (garbage after a valid-looking header) and truncated.mp4 (cut after a fifth), written in
+    the video folder, where media must live; returns the first."""
+    videos = tiny_demo / "data" / "videos"
+    src = (videos / "sft_0000.mp4").read_bytes()
+    bad = videos / "corrupt.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 200)
-    (tmp_path / "truncated.mp4").write_bytes(src[: len(src) // 5])
+    (videos / "truncated.mp4").write_bytes(src[: len(src) // 5])
     return bad
 
 
@@ -231,14 +233,30 @@ def test_setup_reports_every_bad_record(tiny_demo, processor, tmp_path):
     assert dm.train_dataset is None  # nothing built
 
 
-@pytest.mark.parametrize("path", ["../../etc/passwd.mp4", "/tmp/elsewhere.mp4", "clips/../../x.mp4"])
-def test_a_video_path_may_not_leave_the_video_folder(tiny_demo, processor, tmp_path, path):
-    recs = records(tiny_demo, "sft")
-    bad = copy.deepcopy(recs[:2])
+@pytest.mark.parametrize("path", ["../../etc/passwd.mp4", "clips/../../x.mp4"])
+def test_a_video_path_may_not_climb_out_of_the_video_folder(tiny_demo, processor, tmp_path, path):
+    bad = copy.deepcopy(records(tiny_demo, "sft")[:2])
     bad[0]["video"] = path
     dm = datamodule(tiny_demo, processor, "sft", data_path=write(tmp_path / "escape.json", bad))
     with pytest.raises(DataValidationError, match=r"record 0 \[video\]: .*leaves video_folder"):
         dm.setup("fit")
+
+
+def test_an_absolute_video_path_outside_the_folder_is_refused_not_opened(tiny_demo, processor, tmp_path, capsys):
+    import shutil
+
+    recs = copy.deepcopy(records(tiny_demo, "sft")[:2])
+    outside = tmp_path / "elsewhere.mp4"
+    shutil.copy(tiny_demo / "data" / "videos" / recs[0]["video"], outside)  # a real video, but not in the folder
+    inside = recs[1]["video"]
+    recs[0]["video"] = str(outside)
+    recs[1]["video"] = str((tiny_demo / "data" / "videos" / inside).absolute())  # absolute, inside: fine
+    with pytest.raises(D.BadSample, match="leaves video_folder"):
+        dataset(tiny_demo, processor, recs)[0]
+    assert dataset(tiny_demo, processor, recs)[1]["pixel_values_videos"].shape[0] > 0
+    with pytest.raises(SystemExit):
+        D.check_data(str(write(tmp_path / "abs.json", recs)), str(tiny_demo / "data" / "videos"))
+    assert "record 0 [video]: " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("content, message", [
@@ -260,8 +278,9 @@ def test_jsonl_and_image_records(tiny_demo, processor, tmp_path):
     from PIL import Image
 
     recs = records(tiny_demo)[:2]
-    Image.new("RGB", (84, 56), (200, 30, 30)).save(tmp_path / "red.png")
-    image_rec = {"id": "img", "image": str(tmp_path / "red.png"), "extra": [1, 2],
+    # Media live in the video folder (a path out of it is refused): this image joins the demo's clips.
+    Image.new("RGB", (84, 56), (200, 30, 30)).save(tiny_demo / "data" / "videos" / "red-image-test.png")
+    image_rec = {"id": "img", "image": "red-image-test.png", "extra": [1, 2],
                  "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
                                    {"from": "gpt", "value": "<think>Red.</think><answer>red</answer>"}]}
     path = tmp_path / "data.jsonl"
@@ -309,7 +328,7 @@ def test_missing_video_raise_names_the_path(tiny_demo, processor):
 def test_bad_video_skip_draws_another(tiny_demo, processor, tmp_path, name, caplog):
     corrupt_video(tmp_path, tiny_demo)
     recs = records(tiny_demo)[:3]
-    recs[1]["video"] = str(tmp_path / name)
+    recs[1]["video"] = name
     ds = dataset(tiny_demo, processor, recs, on_bad_sample="skip", seed=3)
     if name != "nowhere.mp4":
         with pytest.raises(D.BadSample, match="undecodable video.*" + name):
@@ -334,9 +353,10 @@ def test_worker_survives_a_bad_sample(tiny_demo, processor, tmp_path):
 def test_short_video_still_gives_min_frames(tiny_demo, processor, tmp_path):
     from torchcodec.encoders import VideoEncoder
 
-    VideoEncoder(torch.randint(0, 255, (8, 3, 56, 56), dtype=torch.uint8), frame_rate=8).to_file(str(tmp_path / "one.mp4"))
+    one = tiny_demo / "data" / "videos" / "one-second.mp4"  # media live in the video folder
+    VideoEncoder(torch.randint(0, 255, (8, 3, 56, 56), dtype=torch.uint8), frame_rate=8).to_file(str(one))
     rec = copy.deepcopy(records(tiny_demo)[0])
-    rec["video"] = str(tmp_path / "one.mp4")  # 1 s at fps 1: fewer than min_frames / fps
+    rec["video"] = one.name  # 1 s at fps 1: fewer than min_frames / fps
     item = dataset(tiny_demo, processor, [rec], min_frames=4)[0]
     assert item["video_grid_thw"].tolist() == [[2, 4, 4]]
 
@@ -414,7 +434,7 @@ def test_check_data_bad(tiny_demo, tmp_path, capsys):
     corrupt_video(tmp_path, tiny_demo)
     recs = records(tiny_demo)[:4]
     recs[0]["video"] = "missing.mp4"
-    recs[1]["video"] = str(tmp_path / "corrupt.mp4")
+    recs[1]["video"] = "corrupt.mp4"
     del recs[2]["conversations"][1]
     path = write(tmp_path / "bad.json", recs)
     with pytest.raises(SystemExit) as exit_:

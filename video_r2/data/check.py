@@ -17,7 +17,7 @@ from typing import Any, Literal
 from video_r2 import video as V
 from video_r2.data.budget import Grid, Media, Sampling, TooLong, fit_budget, plan_media
 from video_r2.data.chat import DEFAULT_SYSTEM_PROMPT, to_messages
-from video_r2.data.records import Problem, load_dataset, media_paths
+from video_r2.data.records import Problem, load_dataset, media_file, media_paths
 
 
 def _stats(values: list[float], fmt: str = "{:.0f}") -> str:
@@ -82,7 +82,10 @@ class DataCheck:
         for kind in ("video", "image"):
             for rel in media_paths(record, kind):
                 wanted += 1
-                path = self.folder / rel
+                path = media_file(self.folder, rel)
+                if path is None:
+                    self.problem(index, kind, f"{rel!r} leaves video_folder {self.folder}: give paths relative to it")
+                    continue
                 if path not in self.checked:
                     self.checked[path] = state = self.check_file(kind, path)
                     self.counts[f"{kind}s"] += 1

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from video_r2 import video as V
 from video_r2.data.budget import Grid, Media, Sampling, TooLong, fit_budget, seconds_per_grid
 from video_r2.data.chat import DEFAULT_SYSTEM_PROMPT, reward_sample, to_messages
-from video_r2.data.records import media_paths
+from video_r2.data.records import media_file, media_paths
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,10 @@ class VideoR2Dataset(Dataset):
         media = []
         for kind in ("video", "image"):
             for rel in media_paths(record, kind):
-                path = self.video_folder / rel
+                path = media_file(self.video_folder, rel)
+                if path is None:
+                    raise BadSample(index, rel, f"{kind} path leaves video_folder {self.video_folder}: "
+                                                "give paths relative to it")
                 if not path.is_file():
                     raise BadSample(index, path, f"missing {kind}")
                 try:

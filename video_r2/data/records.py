@@ -112,6 +112,17 @@ def read_records(path: str | Path) -> tuple[list[Any], list[Problem]]:
 # --------------------------------------------------------------------------------------------------
 
 
+def media_file(folder: Path, path: str) -> Path | None:
+    """The file a record's media `path` names under `folder`, or None when it leaves the folder.
+
+    Relative paths are checked for `..` when the records are validated; an absolute path is accepted only
+    inside `folder` (compared as written: a symlink in the folder may point anywhere, as the user chose)."""
+    if not Path(path).is_absolute():
+        return folder / path
+    inside = Path(path).absolute().is_relative_to(folder.absolute())
+    return Path(path) if inside else None
+
+
 def media_paths(record: dict, key: str) -> list[str]:
     """The record's `video` or `image` paths as a list (a single path is allowed)."""
     value = record.get(key)
@@ -139,7 +150,7 @@ def validate_record(record: Any, stage: str = "sft") -> list[tuple[str, str]]:
         if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
             problems.append((key, "must be a non-empty path or a non-empty list of paths"))
             continue
-        for escaping in [p for p in paths if Path(p).is_absolute() or ".." in Path(p).parts]:
+        for escaping in [p for p in paths if ".." in Path(p).parts]:
             # The folder flag says where the media are; a path out of it would open any file on the machine.
             problems.append((key, f"{escaping!r} leaves video_folder: give paths relative to it, without '..'"))
 
