@@ -7,6 +7,7 @@ its own argument because LightningCLI builds it from a `class_path`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from video_r2.grpo.loss import LossType, ScaleRewards
 
@@ -25,6 +26,13 @@ class RolloutArgs:
     mask_truncated_completions: bool = False  # completions without EOS add no gradient (DAPO); original: off
     seed: int | None = None  # sampling seed; None: the run's seed. Each step and rank samples from its own
     # stream derived from (seed, step, rank), so a resumed run samples what the uninterrupted one would have
+    rollout_engine: Literal["hf", "vllm"] = "hf"  # "hf": HF generate; "vllm": an in-process vLLM engine per rank
+    # (colocated, weights pushed after every optimizer step; `pip install video-r2[vllm]`, see README "vLLM rollouts")
+    vllm_gpu_memory_utilization: float = 0.3  # vllm: share of the GPU's memory the engine may take (weights + KV)
+    vllm_kv_cache_gb: float = 1.0  # vllm on the CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
+    vllm_sleep: bool = False  # vllm on GPUs: free the engine's memory (sleep level 1) between rollouts
+    vllm_max_model_len: int | None = None  # vllm: longest prompt + completion; None: the checkpoint's own limit
+    vllm_dtype: str = "auto"  # vllm: weight dtype; "auto" follows the policy's (fp32 on the CPU demo)
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -33,6 +41,11 @@ class RolloutArgs:
         if self.ranks_per_group < 1 or self.num_generations % self.ranks_per_group:
             raise ValueError(f"rollout.ranks_per_group ({self.ranks_per_group}) must divide num_generations "
                              f"({self.num_generations}): each rank samples the same share of every group")
+        if self.rollout_engine not in ("hf", "vllm"):
+            raise ValueError(f"rollout.rollout_engine must be 'hf' or 'vllm', got {self.rollout_engine!r}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.vllm_gpu_memory_utilization}")
 
     @property
     def local_generations(self) -> int:

@@ -18,7 +18,7 @@ from video_r2.grpo.groups import RankGroups
 from video_r2.grpo.loss import combine_rewards, completion_logps, group_advantages, grpo_loss
 from video_r2.grpo.rollout import PromptVisuals, encode_visuals, generation_token_ids, sample_completions
 from video_r2.grpo.stats import completion_length_stats, reward_stats
-from video_r2.grpo.types import Rollout, ScoredRollout
+from video_r2.grpo.types import Rollout, ScoredRollout, completion_mask
 from video_r2.judge import JudgeClient
 from video_r2.model import LoraConfigArgs, ModelConfig
 from video_r2.rewards import RewardContext, compute_rewards, get_reward
@@ -90,6 +90,7 @@ class GRPOModule(StageModule):
                                             similarity_threshold=r.similarity_threshold, strict_format=r.strict_format)
         self.ref_model: torch.nn.Module | None = None  # a frozen copy, only without LoRA and with beta != 0
         self.eos_token_ids: list[int] | None = None
+        self.vllm_engine = None  # rollout_engine "vllm": this rank's engine, built at first use (grpo.vllm_engine)
 
     # ---- model -------------------------------------------------------------------------------------
 
@@ -147,6 +148,9 @@ class GRPOModule(StageModule):
             scored, group_raw, group_total = self.score(rollout, visuals, raw, ids)
         with timer("policy_update"):  # 5. mu clipped-ratio updates with the KL penalty
             update = self.policy_update(scored, visuals, batch)
+        if self.vllm_engine is not None:
+            with timer("vllm_push"):  # the engine samples the next rollout with the updated weights
+                self.vllm_engine.push_weights(self.model)
         # 6. logging
         self.log_step(scored, group_raw, group_total, completions, batch, update, timer)
 
@@ -157,6 +161,8 @@ class GRPOModule(StageModule):
     def sample(self, batch: dict) -> tuple[Rollout, PromptVisuals, list[str]]:
         """1. Sample this rank's completions per prompt; returns the rollout, the prompts' visuals and the texts."""
         r = self.rollout_args
+        if r.rollout_engine == "vllm":
+            return self.sample_with_vllm(batch)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the training RNG (dropout) is left where it was
             torch.manual_seed(self.sampling_seed())
@@ -176,6 +182,27 @@ class GRPOModule(StageModule):
                 repetition_penalty=r.repetition_penalty,
                 max_new_tokens=r.max_completion_length,
             )
+        texts = self.processor.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        return rollout, visuals, texts
+
+    def sample_with_vllm(self, batch: dict) -> tuple[Rollout, PromptVisuals, list[str]]:
+        """1, with ``rollout_engine: vllm``: this rank's in-process engine samples; the mean and max gap
+        between its log-probs and the policy's own is logged (``train/vllm/logp_gap_*``)."""
+        from video_r2.grpo.vllm_engine import VLLMEngine, logp_gap
+
+        if self.vllm_engine is None:
+            self.vllm_engine = VLLMEngine.for_module(self)
+        r = self.rollout_args
+        rollout, visuals, engine_logps = self.vllm_engine.sample(
+            self.model, {k: v for k, v in batch.items() if isinstance(v, Tensor)}, batch.get("samples"),
+            r.local_generations, seed=self.sampling_seed(), mask_truncated=r.mask_truncated_completions,
+        )
+        with torch.no_grad():
+            policy_logps = self.sequence_logps(self.model, rollout, range(rollout.num_completions), visuals)
+        up_to_eos = completion_mask(rollout.completion_ids, self.eos_token_ids)  # every sampled token
+        if self._trainer is not None:
+            self.log_dict({f"train/{k}": v for k, v in logp_gap(engine_logps, policy_logps, up_to_eos).items()},
+                          on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         texts = self.processor.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         return rollout, visuals, texts
 
