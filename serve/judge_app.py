@@ -30,7 +30,6 @@ if importlib.util.find_spec("video_r2") is None:  # a checkout that was not pip-
 from video_r2.judge import DEFAULT_MODEL  # noqa: E402
 from video_r2.judge.backends import make_backend  # noqa: E402
 from video_r2.judge.server import Limits, build_server  # noqa: E402
-from video_r2.judge.watchdog import tie_forked_children  # noqa: E402
 
 logger = logging.getLogger("video_r2.judge_app")
 
@@ -151,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("starting the %s judge on %s:%d ...", args.backend, args.host, args.port)
     threading.Thread(target=announce_when_ready, args=(args, started), daemon=True).start()
     _shut_down_on_signals()
-    tie_forked_children()  # LitServe's manager and API servers end with this process, even on SIGKILL
     try:
         # generate_client_file=False: LitServe would otherwise drop a client.py into the working directory.
         server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)

@@ -357,7 +357,9 @@ def test_a_group_spanning_two_ranks_makes_the_update_of_one_process_holding_it(t
         weights[name] = load_file(root / "demo-grpo" / "hf" / "final" / "model.safetensors")
     start = load_file(tiny_demo / "model" / "model.safetensors")
     reference = weights["one_process"]
-    step = max((reference[k] - start[k]).abs().max().item() for k in start)
+    shared = start.keys() & reference.keys()  # the export may spell a tied or renamed weight differently
+    assert len(shared) > len(start) // 2
+    step = max((reference[k] - start[k]).abs().max().item() for k in shared)
     assert step > 5e-4  # Adam's first step moves weights by up to lr = 1e-3
     # Equal up to float summation order: 6e-6 measured, where an advantage or normaliser taken over half a
     # group would move weights by a sizeable part of the step.

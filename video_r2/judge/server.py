@@ -32,7 +32,7 @@ from litserve.specs.openai import ChatCompletionRequest, OpenAISpec
 from video_r2.judge.backends import Completion, GenerationRequest
 from video_r2.judge.prompts import judged_text_length
 from video_r2.judge.rules import DeadlineExceeded
-from video_r2.judge.watchdog import DeadlineBoard, die_with_parent
+from video_r2.judge.watchdog import DeadlineBoard, die_with_parent, tie_forked_children
 
 # FastAPI's self-description routes: they list every route and its schema.
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
@@ -338,7 +338,12 @@ def build_server(
     max_request_bytes: int = 1 << 20,
     accelerator: str = "auto",
 ) -> ls.LitServer:
-    """A LitServer hosting `backend` behind the OpenAI chat API."""
+    """A LitServer hosting `backend` behind the OpenAI chat API.
+
+    Every process the server forks from here on (LitServe's manager and API servers) ends with this one, and
+    its spawned inference workers watch it too, so no worker outlives its server, however the server ends.
+    """
+    tie_forked_children()
     spec = JudgeSpec(served_model_name, limits, timeout=timeout)
     api = JudgeAPI(
         backend,

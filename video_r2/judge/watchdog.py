@@ -60,7 +60,13 @@ _HOOK = _ForkHook()
 def tie_forked_children() -> None:
     """Every process that multiprocessing forks from now on (LitServe's manager and API servers) ends
     with its parent. Spawned processes start afresh and call `die_with_parent` themselves."""
-    multiprocessing.util.register_after_fork(_HOOK, _HOOK)
+    global _TIED
+    if not _TIED:  # once per process: several servers built in one process share the hook
+        multiprocessing.util.register_after_fork(_HOOK, _HOOK)
+        _TIED = True
+
+
+_TIED = False
 
 
 class DeadlineBoard:
