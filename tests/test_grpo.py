@@ -93,7 +93,7 @@ def test_grpo_learns_a_token_reward(tiny_demo, seed):
 @torch.no_grad()
 def kl_to_start(module: GRPOModule, tiny_demo) -> float:
     """Mean per-token k3 KL(policy || starting model) on fresh completions of the trained policy."""
-    from video_r2.grpo import Rollout, completion_logps
+    from video_r2.grpo import completion_logps
     from video_r2.model import load_model, load_processor
 
     start = load_model(tiny_demo / "model").eval()
