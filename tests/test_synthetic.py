@@ -104,10 +104,65 @@ def test_answers_depend_on_time(tiny_demo):
         think = record["conversations"][1]["value"]
         assert think.startswith("<think>") and think.endswith("</answer>")
         assert "<video>" in record["conversations"][0]["value"]
-        # The SFT reasoning cites a timestamp inside one of the grounded spans.
-        assert any(ch.isdigit() for ch in think.split("</think>")[0])
     subtitles = list((tiny_demo / "data/subtitles").glob("*.srt"))
     assert subtitles and all((tiny_demo / "data/videos" / f"{s.stem}.mp4").exists() for s in subtitles)
+
+
+def _reasoning(record: dict) -> str:
+    return record["conversations"][1]["value"].split("</think>")[0].removeprefix("<think>")
+
+
+def test_sft_answers_mix_a_grounded_and_a_plain_style(tiny_demo):
+    """Grounded reasoning cites a second inside the asked segment, plain reasoning cites none; both end in the
+    record's answer. Only SFT mixes them: the other splits' answers are references."""
+    from video_r2.judge.rules import extract_claims
+    from video_r2.rewards import parse_timestamp_key
+
+    sft = json.loads((tiny_demo / "data/video-r2-sft-dataset.json").read_text())
+    styles = [r["reasoning_style"] for r in sft]
+    assert set(styles) == {"grounded", "plain"}  # the default mix has no wrong seconds
+    for record in _records(tiny_demo):
+        answer = record["conversations"][1]["value"].split("<answer>")[1].removesuffix("</answer>")
+        think = _reasoning(record)
+        assert think.endswith(f"so the answer is {answer}.")
+        claims = extract_claims(think)
+        if record["reasoning_style"] == "plain":
+            assert claims == {} and not any(ch.isdigit() for ch in think.removesuffix(f"{answer}."))
+        else:
+            (key,) = claims
+            start, _ = parse_timestamp_key(key)
+            spans = [parse_timestamp_key(k) for k in record["temporal_grounding"]]
+            shape = think.split(" a ", 1)[1].split(" fill")[0].split(" starts")[0]
+            assert any(a <= start < b and shape in record["temporal_grounding"][k]
+                       for (a, b), k in zip(spans, record["temporal_grounding"]))
+    assert all(r["reasoning_style"] == "grounded" for split in ("grpo", "eval")
+               for r in json.loads((tiny_demo / f"data/video-r2-{split}-dataset.json").read_text()))
+
+
+def test_style_mix_follows_its_fractions_and_leaves_the_questions_alone(tmp_path):
+    sizes = dict(num_sft_videos=20, num_grpo_videos=1, num_eval_videos=1, text_hidden=32, seed=5)
+    mixed = make_demo(tmp_path / "mixed", grounded_fraction=0.4, wrong_time_fraction=0.2, **sizes)
+    plain = make_demo(tmp_path / "plain", grounded_fraction=0.0, **sizes)
+    a = json.loads((mixed / "data/video-r2-sft-dataset.json").read_text())
+    b = json.loads((plain / "data/video-r2-sft-dataset.json").read_text())
+    shares = {style: sum(r["reasoning_style"] == style for r in a) / len(a) for style in ("grounded", "plain", "wrong_time")}
+    assert abs(shares["grounded"] - 0.4) < 0.12 and abs(shares["wrong_time"] - 0.2) < 0.1
+    assert {r["reasoning_style"] for r in b} == {"plain"}
+    # The mix draws from its own stream: the same videos, questions and answers either way.
+    assert [r["conversations"][0] for r in a] == [r["conversations"][0] for r in b]
+    assert [r["conversations"][1]["value"].split("<answer>")[1] for r in a] == \
+        [r["conversations"][1]["value"].split("<answer>")[1] for r in b]
+    from video_r2.judge.rules import extract_claims
+    from video_r2.rewards import parse_timestamp_key
+
+    for record in (r for r in a if r["reasoning_style"] == "wrong_time"):  # timestamped, outside the asked segment
+        (key,) = extract_claims(_reasoning(record))
+        t, _ = parse_timestamp_key(key)
+        shape = _reasoning(record).split(" a ", 1)[1].split(" fill")[0].split(" starts")[0]
+        (span,) = [parse_timestamp_key(k) for k, v in record["temporal_grounding"].items() if shape in v]
+        assert not span[0] <= t < span[1]
+    with pytest.raises(ValueError, match="grounded_fraction"):
+        make_demo(tmp_path / "bad", grounded_fraction=0.8, wrong_time_fraction=0.3, **sizes)
 
 
 def _digest(path: Path) -> str:

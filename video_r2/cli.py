@@ -22,9 +22,10 @@ UTILITY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "check-data": ("video_r2.data.check", "check_data", "validate a dataset (records, videos, subtitles, token lengths)"),
     "plot": ("video_r2.plot", "plot_run", "draw loss, rewards, KL and lengths of a run from its TensorBoard logs"),
     "evaluate": ("video_r2.evaluate", "evaluate", "held-out accuracy, format and TAR of a checkpoint on a dataset"),
+    "inspect": ("video_r2.inspect", "inspect", "an HTML report of how TAR scored samples of an evaluation"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-POSITIONAL_COMMANDS = {"plot"}  # `video-r2 plot RUN_DIR`; the others take only --flags
+POSITIONAL_COMMANDS = {"plot", "inspect"}  # `video-r2 plot RUN_DIR`, `video-r2 inspect EVAL_JSON`; the others: --flags
 
 
 def _underscore_flag(arg: str) -> str:

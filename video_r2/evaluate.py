@@ -1,12 +1,13 @@
 """`video-r2 evaluate`: held-out accuracy, format and TAR of a checkpoint, scored by the training rewards.
 
 One completion per prompt (greedy unless `temperature > 0`), generated exactly as GRPO's rollout does
-(`video_r2.grpo.sample_completions`) and scored by the same reward functions, so evaluation and training
+(`video_r2.grpo.rollout.sample_completions`) and scored by the same reward functions, so evaluation and training
 agree on what "correct", "well formed" and "temporally aligned" mean.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +31,45 @@ def _chance(record_question: str, question_type: str | None, numeric_answers: in
     return 1.0 / max(1, len(options))
 
 
+def score_completions(completions: list[str], samples: list[dict], names: list[str], context) -> dict:
+    """Score completions of the evaluation samples (the records as the data module gives them to the rewards):
+    each reward's mean, TAR's grounded share and consistency rate, accuracy per question type, chance.
+
+    A value a reward could not compute (`None`: the judge gave no answer) is left out of that reward's mean;
+    `scored[name]` says over how many samples each mean is taken.
+    """
+    from video_r2.rewards import compute_rewards, tar_details
+
+    scores = compute_rewards([n for n in names if n != "tar"], completions, samples, context)
+    if "tar" in names:  # TAR with its reasons (claims, matches, verdict), for `video-r2 inspect` and the rates
+        details = tar_details(completions, samples, context)
+        scores["tar"] = [d.reward for d in details]
+    rows: list[dict] = []
+    for i, (text, sample) in enumerate(zip(completions, samples, strict=True)):
+        rows.append({"id": sample.get("id"), "question_type": sample.get("question_type"), "completion": text,
+                     "question": sample.get("question"), "answer": sample.get("answer"),
+                     **{name: scores[name][i] for name in names}})
+        if "tar" in names:
+            rows[-1].update(grounded=details[i].grounded, consistent=details[i].consistent,
+                            tar_details=details[i].to_dict())
+    results: dict = {"num_samples": len(rows)}
+    for name in names:
+        results[name] = _mean([r[name] for r in rows])
+    results["scored"] = {name: sum(r[name] is not None for r in rows) for name in names}
+    if "tar" in names:  # reasoning that cites a time at all; reasoning and answer that agree
+        results["grounded_share"] = _mean([float(r["grounded"]) for r in rows])
+        results["consistency"] = _mean([None if r["consistent"] is None else float(r["consistent"]) for r in rows])
+        results["scored"]["consistency"] = sum(r["consistent"] is not None for r in rows)
+    by_type = defaultdict(list)
+    for r in rows:
+        by_type[r["question_type"] or "unknown"].append(r.get("accuracy"))
+    results["accuracy_by_type"] = {t: _mean(v) for t, v in sorted(by_type.items())}
+    numeric_answers = len({s["answer"] for s in samples if s.get("question_type") == "numerical"})
+    results["chance_accuracy"] = _mean([_chance(s["question"], s.get("question_type"), numeric_answers) for s in samples])
+    results["samples"] = rows
+    return results
+
+
 def evaluate(
     model: str,
     data_path: str,
@@ -42,6 +82,8 @@ def evaluate(
     reward_funcs: list[str] | None = None,
     judge_base_url: str | None = None,
     judge_model: str = "video-r2-judge",
+    buffer_seconds: float = 2.0,
+    similarity_threshold: float = 0.75,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     batch_size: int = 8,
@@ -63,6 +105,8 @@ def evaluate(
         reward_funcs: rewards to report (default accuracy, format, and tar when a judge is given).
         judge_base_url: TAR's judge server (OpenAI API root); without it TAR is not scored.
         judge_model: the judge's served model name.
+        buffer_seconds: TAR: both spans widen by this much before the overlap test (the recipe's 2 s).
+        similarity_threshold: TAR: least MiniLM cosine for a claim to match an event (the recipe's 0.75).
         max_new_tokens: new tokens per completion.
         temperature: 0 for greedy decoding, else the sampling temperature.
         batch_size: prompts per generate call.
@@ -75,7 +119,7 @@ def evaluate(
     from video_r2.grpo.rollout import generation_token_ids, sample_completions
     from video_r2.judge import JudgeClient
     from video_r2.model import load_model
-    from video_r2.rewards import RewardContext, compute_rewards, score_answer
+    from video_r2.rewards import RewardContext
 
     names = reward_funcs or (["accuracy", "format", "tar"] if judge_base_url else ["accuracy", "format"])
     if "tar" in names and not judge_base_url:
@@ -95,48 +139,42 @@ def evaluate(
     policy = load_model(model).eval()
     tokenizer = data.processor.tokenizer
     eos, pad, suppress = generation_token_ids(policy, tokenizer)
-    judge = JudgeClient(base_url=judge_base_url, model=judge_model) if judge_base_url else None
-    context = RewardContext(judge=judge)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    # Evaluation asks a deterministic judge (temperature 0, cached), so two evaluations of one model agree.
+    judge = (JudgeClient(base_url=judge_base_url, model=judge_model, temperature=0.0, cache=True)
+             if judge_base_url else None)
+    context = RewardContext(judge=judge, buffer_seconds=buffer_seconds, similarity_threshold=similarity_threshold)
+    generation = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
 
-    rows: list[dict] = []
+    texts: list[str] = []
     samples: list[dict] = []
     for batch in tqdm(loader, desc=f"evaluating {Path(model).name}", unit="batch"):
         prompt = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         rollout, _ = sample_completions(policy, prompt, 1, eos_token_ids=eos, pad_token_id=pad,
-                                        suppress_tokens=suppress, max_new_tokens=max_new_tokens, **sampling)
-        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        scores = compute_rewards(names, texts, batch["samples"], context)
+                                        suppress_tokens=suppress, max_new_tokens=max_new_tokens, **generation)
+        texts += tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         samples += batch["samples"]
-        for i, (text, sample) in enumerate(zip(texts, batch["samples"])):
-            rows.append({"id": sample.get("id"), "question_type": sample.get("question_type"), "completion": text,
-                         **{name: scores[name][i] for name in names}})
 
+    results: dict = {"model": str(model), "data_path": str(data_path)}
+    results.update(score_completions(texts, samples, names, context))
     records = [dataset.records[i] for i in indices]
-    results: dict = {"model": str(model), "data_path": str(data_path), "num_samples": len(rows)}
-    for name in names:
-        results[name] = _mean([r[name] for r in rows])
-    by_type = defaultdict(list)
-    for r in rows:
-        by_type[r["question_type"] or "unknown"].append(r["accuracy"])
-    results["accuracy_by_type"] = {t: _mean(v) for t, v in sorted(by_type.items())}
-    numeric_answers = len({s["answer"] for s in samples if s.get("question_type") == "numerical"})
-    results["chance_accuracy"] = _mean([_chance(s["question"], s.get("question_type"), numeric_answers) for s in samples])
-    if records and all("segments" in r for r in records):  # the synthetic task: score its shortcut too
-        from video_r2.synthetic import shortcut_answer
-
-        results["shortcut_accuracy"] = _mean([
-            score_answer(shortcut_answer(r), s["answer"], r.get("question_type")) for r, s in zip(records, samples)
-        ])
+    for row, record in zip(results["samples"], records):
+        row["video"] = record.get("video")
+    # Where the frames came from, so that `video-r2 inspect` can draw what the model saw.
+    results.update(video_folder=str(video_folder), subtitles_folder=subtitles_folder and str(subtitles_folder),
+                   sampling=dataclasses.asdict(dataset.sampling),
+                   draw_timestamps=draw_timestamps, draw_subtitles=draw_subtitles)
     if judge is not None:
         results.update({k: v for k, v in context.metrics().items()})
         judge.close()
-    results["samples"] = rows
 
-    print(f"\n{model} on {data_path} ({len(rows)} samples)")
-    for key in (*names, "chance_accuracy", "shortcut_accuracy"):
+    print(f"\n{model} on {data_path} ({results['num_samples']} samples)")
+    for key in (*names, "grounded_share", "consistency", "chance_accuracy"):
         if key in results:
-            print(f"  {key:<20} {results[key]:.3f}")
+            scored = results.get("scored", {}).get(key, results["num_samples"])
+            note = "" if scored == results["num_samples"] else (
+                f"  (over {scored} of {results['num_samples']} samples; the rest could not be scored: no judge answer, "
+                "or no reasoning or answer to judge)")
+            print(f"  {key:<20} {results[key]:.3f}{note}")
     for qtype, value in results["accuracy_by_type"].items():
         print(f"  accuracy[{qtype}]".ljust(22) + f" {value:.3f}")
     if out:

@@ -80,3 +80,44 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     plt.close(fig)
     print(f"wrote {out}")
     return out
+
+
+def plot_side_by_side(runs: dict[str, Path], out: Path) -> Path:
+    """Two or more runs' reward curves side by side (one column per run, one row per reward, shared axes), so
+    that an ablation reads at a glance: the demo draws GRPO with TAR next to GRPO without it.
+
+    Args:
+        runs: column title -> the run's log folder.
+        out: the PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {title: read_scalars(Path(run_dir)) for title, run_dir in runs.items()}
+    rewards = sorted({t for s in series.values() for t in s if fnmatch.fnmatch(t, "train/rewards/*/mean")})
+    tags = rewards + ["train/reward/mean"]
+    fig, axes = plt.subplots(len(tags), len(runs), figsize=(4.5 * len(runs), 2.2 * len(tags)),
+                             squeeze=False, sharex=True, sharey="row")
+    for column, (title, scalars) in enumerate(series.items()):
+        axes[0, column].set_title(title)
+        for row, tag in enumerate(tags):
+            ax = axes[row, column]
+            if scalars.get(tag):
+                steps, values = zip(*scalars[tag])
+                ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+            else:  # a reward this run does not compute (TAR, in the run without it)
+                ax.text(0.5, 0.5, "not in this run's reward", ha="center", va="center", transform=ax.transAxes,
+                        color="grey")
+            ax.grid(alpha=0.3)
+            if column == 0:
+                ax.set_ylabel(tag.removeprefix("train/").removesuffix("/mean"), fontsize=8)
+        axes[-1, column].set_xlabel("step")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out

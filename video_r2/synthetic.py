@@ -16,6 +16,12 @@ needed for the rest. (A tiny model learns that shortcut first and the timing aft
 without a shortcut stayed at chance in the demo's budget.) Each SFT video gets several questions about
 different seconds, so that "this video -> this answer" cannot be memorised.
 
+The SFT answers reason in two styles, mixed about half and half (`grounded_fraction`, 0.4): one cites the moment
+("At 00:05 a red circle fills the screen, so the answer is A."), the other reaches the same answer without
+any time ("A red circle fills the screen, so the answer is A."); optionally some cite a wrong second
+(`wrong_time_fraction`). Accuracy and format cannot tell the styles apart, TAR can: after SFT the model
+samples both, which gives GRPO with TAR something to teach and GRPO without it nothing (the demo's ablation).
+
 The held-out eval file uses videos that neither training file uses. Everything is deterministic for a seed.
 """
 
@@ -157,25 +163,41 @@ def _options_text() -> str:
     return "\n".join(f"{OPTION_LETTERS[i]}) {c} {s}" for i, (c, s, _) in enumerate(EVENTS))
 
 
+STYLES = ("grounded", "plain", "wrong_time")  # how an SFT answer's reasoning refers to the moment
+
+
+def _think(style: str, asked: Segment, moment: int, segments: list[Segment], verb: str, answer: str) -> str:
+    """The reasoning of one answer. Worded like the grounding ("a ... fills the screen") so that TAR's
+    embedder matches a claim about the right shape; "plain" states the same fact without any time."""
+    if style == "plain":
+        return f"A {asked.name} {verb}, so the answer is {answer}."
+    if style == "wrong_time":  # a second inside another segment: timestamped, but TAR finds no match
+        other = next(s for s in segments if s is not asked)
+        moment = other.start + (other.end - other.start) // 2
+    return f"At {hms(moment)} a {asked.name} {verb}, so the answer is {answer}."
+
+
 def make_record(rng: random.Random, video_name: str, segments: list[Segment], numeric_fraction: float,
-                t: int | None = None, record_id: str | None = None) -> dict:
+                t: int | None = None, record_id: str | None = None, style: str = "grounded") -> dict:
     """One record in the original schema, about second `t` (drawn uniformly if None) of the video.
 
     Its answer depends on *when*: what fills the screen at `t` (multiple choice), or at which second the
-    shape showing at `t` first appears (a number).
+    shape showing at `t` first appears (a number). `style` (one of `STYLES`) picks how the reasoning
+    refers to the moment; the answer is the same in every style.
     """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     t = rng.randrange(segments[-1].end) if t is None else t
     asked = next(s for s in segments if s.start <= t < s.end)
     if rng.random() < numeric_fraction:
         question = f"At which second does the {asked.name} first appear? Answer with a number."
         answer = str(asked.start)
-        # Worded like the grounding ("a ... fills the screen") so that TAR's embedder can match the claim.
-        think = f"At {hms(asked.start)} a {asked.name} starts to fill the screen, so the answer is {answer}."
+        think = _think(style, asked, asked.start, segments, "starts to fill the screen", answer)
         question_type = "numerical"
     else:
         question = f"What fills the screen at {hms(t)}?\n{_options_text()}\nAnswer with the option letter."
         answer = OPTION_LETTERS[asked.event]
-        think = f"At {hms(t)} a {asked.name} fills the screen, so the answer is {answer}."
+        think = _think(style, asked, t, segments, "fills the screen", answer)
         question_type = "multiple choice"
     grounding = {f"{hms(s.start)}-{hms(s.end)}": f"A {s.name} fills the screen." for s in segments}
     return {
@@ -189,6 +211,7 @@ def make_record(rng: random.Random, video_name: str, segments: list[Segment], nu
         "question_type": question_type,
         # Not used for training: lets evaluation score the shortcut of answering with the longest segment.
         "segments": [asdict(s) for s in segments],
+        "reasoning_style": style,  # not used for training either: how the answer above reasons
     }
 
 
@@ -328,6 +351,8 @@ def make_demo(
     frame_rate: int = 8,
     segments_per_video: int = 2,
     numeric_fraction: float = 0.2,
+    grounded_fraction: float = 0.4,
+    wrong_time_fraction: float = 0.0,
     vocab_size: int = 1024,
     text_hidden: int = 128,
     text_layers: int = 2,
@@ -351,6 +376,13 @@ def make_demo(
         frame_rate: frames per second of the encoded videos.
         segments_per_video: shapes shown one after another in each video (2 to 4).
         numeric_fraction: share of questions answered with a number rather than an option letter.
+        grounded_fraction: share of SFT answers whose reasoning cites the moment ("At 00:05 a ..."); the
+            others reason without any time (or cite a wrong second, see below). About half and half, so
+            that the SFT model samples both styles and TAR has a choice to reward; a little under half, so
+            that greedy decoding after SFT picks the plain style on every prompt rather than by chance
+            (at exactly half, which style wins the argmax is luck), and GRPO must tip the balance.
+        wrong_time_fraction: share of SFT answers whose reasoning cites a second of another segment
+            (taken from the non-grounded ones): timestamped, but TAR finds nothing to match.
         vocab_size: BPE vocabulary size including the special tokens.
         text_hidden: hidden size of the language model.
         text_layers: decoder layers of the language model.
@@ -371,7 +403,13 @@ def make_demo(
     videos_dir.mkdir(parents=True)
     subs_dir.mkdir(parents=True)
 
+    if not (0 <= grounded_fraction and 0 <= wrong_time_fraction and grounded_fraction + wrong_time_fraction <= 1):
+        raise ValueError(f"grounded_fraction {grounded_fraction} + wrong_time_fraction {wrong_time_fraction} must be "
+                         "in [0, 1]")
     rng = random.Random(seed)
+    # Styles come from their own stream, so the videos and questions of a seed do not depend on the mix.
+    style_rng = random.Random(f"{seed}-styles")
+    weights = (grounded_fraction, 1 - grounded_fraction - wrong_time_fraction, wrong_time_fraction)
     splits = {"sft": num_sft_videos, "grpo": num_grpo_videos, "eval": num_eval_videos}
     records: dict[str, list[dict]] = {}
     from tqdm import tqdm
@@ -389,7 +427,9 @@ def make_demo(
             times = rng.sample(range(duration), min(per_video, duration))  # distinct seconds of one video
             for k, t in enumerate(times):
                 record_id = f"{Path(name).stem}-q{k}" if per_video > 1 else None
-                records[split].append(make_record(rng, name, segments, numeric_fraction, t, record_id))
+                # Only SFT teaches a style; the other splits' answers serve as references for the rewards.
+                style = style_rng.choices(STYLES, weights)[0] if split == "sft" else "grounded"
+                records[split].append(make_record(rng, name, segments, numeric_fraction, t, record_id, style))
             progress.update()
     progress.close()
     for split, recs in records.items():

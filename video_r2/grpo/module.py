@@ -7,7 +7,6 @@ import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import Tensor
