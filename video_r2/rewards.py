@@ -9,7 +9,7 @@ not answer). `samples[i]` is the dataset record completion `i` answers; the keys
 (or Video-R1's `solution`, which may wrap it in `<answer>` tags), `question` (or `problem`),
 `temporal_grounding` (`{"MM:SS-MM:SS": "event", ...}`) and `question_type` (or `problem_type`).
 Rewards are registered by name (`REWARDS`, `get_reward`, `register_reward`) so a config can say
-`reward_funcs: [accuracy, format, tar]`; `compute_rewards` runs several for one step. This module holds the
+`rewards: {funcs: [accuracy, format, tar]}`; `compute_rewards` runs several for one step. This module holds the
 signature, the context, the registry and the three rewards; answer scoring lives in `video_r2.accuracy` and
 TAR's matching, embeddings and details in `video_r2.tar` (both re-exported here).
 
