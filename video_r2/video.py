@@ -34,6 +34,7 @@ from torchcodec.decoders import VideoDecoder
 from video_r2.data.budget import (  # planning is budget's: the frames and the size come in planned
     DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, VideoInfo, fit_size, frame_indices, plan_frames, sample_times,
 )
+from video_r2.formats import format_hms  # noqa: F401 - the overlays' time format, re-exported
 from video_r2.overlay import overlay_frames
 
 __all__ = [
