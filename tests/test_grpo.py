@@ -172,6 +172,41 @@ def test_fit_cli_runs_grpo_with_the_real_judge(tiny_demo, rules_judge, tmp_path)
     assert (final / "model.safetensors").exists() and (final / "config.json").exists()
 
 
+def test_logged_completions_show_in_video_r2_inspect(tiny_demo, rules_judge, tmp_path):
+    """Every logged step writes completions/step-N.json with TAR's reasons; `video-r2 inspect` reads it."""
+    import json
+    from pathlib import Path
+
+    from test_inspect import Report
+
+    from video_r2.inspect import inspect
+    from video_r2.synthetic import Segment
+
+    repo = Path(__file__).resolve().parents[1]
+    out = _run(grpo_cli(tiny_demo, rules_judge.base_url, tmp_path, "--trainer.max_steps", "2",
+                        "--model", "fixed_rollout.ThinkingRolloutGRPO"), cwd=repo, with_test_modules=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    logs = sorted((tmp_path / "demo-grpo" / "completions").glob("step-*.json"))
+    assert [p.name for p in logs] == ["step-000001.json", "step-000002.json"]
+    log = json.loads(logs[-1].read_text())
+    assert log["step"] == 2 and log["num_samples"] == 4  # 2 prompts x 2 completions
+    records = {r["id"]: r for r in json.loads((tiny_demo / "data" / "video-r2-grpo-dataset.json").read_text())}
+    for row in log["samples"]:
+        assert row["completion"] == "<think>At 00:01 a red circle fills the screen, so the answer is A.</think><answer>A</answer>"
+        record = records[row["id"].split(" #")[0]]
+        assert row["video"] == record["video"]
+        # TAR's reasons are the step's own: one claim at 00:01, matched iff a red circle fills the screen then.
+        details = row["tar_details"]
+        assert details["claims"] and [m["start"] for m in details["matches"]] == [1]
+        at_one = next(Segment(**s) for s in record["segments"] if s["start"] <= 1 < s["end"])
+        assert (details["matches"][0]["event"] is not None) == (at_one.name == "red circle")
+        assert row["tar"] == details["reward"]
+    report = Report()
+    report.feed(inspect(logs[-1], num_samples=4).read_text())
+    assert len(report.samples) == 4 and len(report.images) == 4  # frames found again from the log alone
+    assert [s["rewards"]["tar"] for s in report.samples.values()] == [r["tar"] for r in log["samples"]]
+
+
 TWO_PROCESS_STRATEGIES = {
     "ddp": ["--trainer.strategy", "ddp"],
     # FSDP2 (fully_shard in configure_model); generate and the vision encoders are registered FSDP methods

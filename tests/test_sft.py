@@ -235,6 +235,25 @@ def test_print_config_validates_the_recipe_without_building_anything():
 # --------------------------------------------------------------------------------------------------
 
 
+def test_answer_loss_is_the_models_own_loss_and_gradient(tiny_demo):
+    """The LM head runs only where an answer token is predicted, yet loss and gradients are the full loss's."""
+    from video_r2.model import load_model
+    from video_r2.sft import answer_loss, model_inputs
+
+    dm = data_module(tiny_demo, batch_size=3)
+    batch = dm.collator()([dm.train_dataset[i] for i in range(3)])  # different lengths: right padding
+    model = load_model(tiny_demo / "model").float()
+    full = model(**model_inputs(batch)).loss
+    full_grads = torch.autograd.grad(full, [model.lm_head.weight, model.model.language_model.embed_tokens.weight])
+    ours = answer_loss(model, batch)
+    our_grads = torch.autograd.grad(ours, [model.lm_head.weight, model.model.language_model.embed_tokens.weight])
+    torch.testing.assert_close(ours, full, rtol=1e-6, atol=1e-6)
+    for a, b in zip(our_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    labels = batch["labels"]
+    assert 0 < int((labels != -100).sum()) < labels.numel() / 2  # the test has positions to skip
+
+
 def test_loss_halves_in_20_steps_on_one_repeated_batch(tiny_demo, tmp_path):
     dm = data_module(tiny_demo)
     batch = dm.collator()([dm.train_dataset[i] for i in range(2)])

@@ -47,7 +47,7 @@ def score_completions(completions: list[str], samples: list[dict], names: list[s
     rows: list[dict] = []
     for i, (text, sample) in enumerate(zip(completions, samples, strict=True)):
         rows.append({"id": sample.get("id"), "question_type": sample.get("question_type"), "completion": text,
-                     "question": sample.get("question"), "answer": sample.get("answer"),
+                     "question": sample.get("question"), "answer": sample.get("answer"), "video": sample.get("video"),
                      **{name: scores[name][i] for name in names}})
         if "tar" in names:
             rows[-1].update(grounded=details[i].grounded, consistent=details[i].consistent,
@@ -156,9 +156,6 @@ def evaluate(
 
     results: dict = {"model": str(model), "data_path": str(data_path)}
     results.update(score_completions(texts, samples, names, context))
-    records = [dataset.records[i] for i in indices]
-    for row, record in zip(results["samples"], records):
-        row["video"] = record.get("video")
     # Where the frames came from, so that `video-r2 inspect` can draw what the model saw.
     results.update(video_folder=str(video_folder), subtitles_folder=subtitles_folder and str(subtitles_folder),
                    sampling=dataclasses.asdict(dataset.sampling),

@@ -1,11 +1,12 @@
 """`video-r2 inspect EVALUATION`: why TAR gave each sample its score, as one self-contained HTML page.
 
 A TAR value alone does not tell a user what went wrong: no claim, a claim at the wrong second, a claim about
-the wrong thing, or an answer the reasoning does not support. For N samples of a `video-r2 evaluate` JSON
-this page shows the frames the model saw (with their drawn times), the question, the completion, the claims
-the judge extracted, each claim's comparison with every reference event (time overlap once both spans are
-widened by the buffer, similarity against the threshold, and the event it matched), the consistency verdict
-and each reward. Images are inlined as data URIs, so the file opens anywhere without a server.
+the wrong thing, or an answer the reasoning does not support. For N samples of a `video-r2 evaluate` JSON, or
+of a GRPO step's completion log (`<log_dir>/completions/step-N.json`, written every `log_completions_every`
+steps in the same layout), this page shows the frames the model saw (with their drawn times), the question,
+the completion, the claims the judge extracted, each claim's comparison with every reference event (time
+overlap once both spans are widened by the buffer, similarity against the threshold, and the event it
+matched), the consistency verdict and each reward. Images are inlined as data URIs, so the file opens anywhere without a server.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def inspect(
     """Write an HTML report of how TAR scored N samples of an evaluation.
 
     Args:
-        evaluation: the JSON `video-r2 evaluate --out` wrote (with a judge, so that it holds TAR's details).
+        evaluation: the JSON `video-r2 evaluate --out` wrote (with a judge, so that it holds TAR's details), or a
+            GRPO run's `<log_dir>/completions/step-N.json`.
         out: the HTML file to write; defaults to the evaluation's path with `.html`.
         num_samples: how many samples to show (the first N, or of `ids`).
         ids: show these sample ids only.
@@ -48,7 +50,8 @@ def inspect(
     evaluation = Path(evaluation)
     if not evaluation.is_file():
         raise SystemExit(f"video-r2 inspect: no evaluation file at {evaluation}; write one with "
-                         f"`video-r2 evaluate ... --judge_base_url URL --out {evaluation}`")
+                         f"`video-r2 evaluate ... --judge_base_url URL --out {evaluation}`, or pass a GRPO run's "
+                         "<log_dir>/completions/step-N.json")
     try:
         results = json.loads(evaluation.read_text())
     except json.JSONDecodeError as error:

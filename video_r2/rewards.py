@@ -73,6 +73,9 @@ class RewardContext:
     similarity_threshold: float = 0.75
     strict_format: bool = False  # the format reward's stricter check (off: the original's fullmatch)
     counters: Counter[str] = field(default_factory=Counter)
+    # The last `tar` call's reasons per completion (claims, matches, verdict): what a GRPO step's completion
+    # log records for `video-r2 inspect`, without asking the judge a second time.
+    last_tar_details: list | None = None
 
     def metrics(self) -> dict[str, int]:
         """All counts so far, with names ready for a logger (`tar/…`, `judge/…`)."""
@@ -158,6 +161,7 @@ async def tar_reward_async(completions: list[str], samples: list[dict], context:
     before = context.judge.counters()
     details = await _tar_async(completions, samples, context, every_verdict=False)
     scores = [d.reward for d in details]
+    context.last_tar_details = details
     _count_tar(context, details)
     context.judge.check_failure_rate(since=before)
     return scores

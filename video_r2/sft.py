@@ -1,9 +1,10 @@
 """Stage 1, timestamp-aware SFT: `SFTModule`, a LightningModule around Qwen2.5-VL.
 
 What it does, as the original `train_sft.sh` does it:
-  * the batch (from `VideoDataModule(stage="sft")`) goes straight into the model; the loss is the model's own
-    token-mean cross-entropy over the answer tokens (labels are -100 everywhere else: system, question and
-    video tokens, padding);
+  * the batch (from `VideoDataModule(stage="sft")`) goes straight into the model; the loss is the token-mean
+    cross-entropy over the answer tokens (labels are -100 everywhere else: system, question and video tokens,
+    padding), the value of the model's own `labels=` loss, with the LM head run only where an answer token is
+    predicted (`answer_loss`);
   * the optimizer, schedule, model building, lean checkpoints and HF export are `video_r2.stage.StageModule`'s,
     shared with GRPO.
 
@@ -26,17 +27,34 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from video_r2.model import LoraConfigArgs, ModelConfig
 from video_r2.stage import ExportArgs, NonFiniteStepError, OptimizerArgs, StageModule
 
-__all__ = ["SFTModule", "NonFiniteStepError", "model_inputs"]
+__all__ = ["SFTModule", "NonFiniteStepError", "answer_loss", "model_inputs"]
 
 
 def model_inputs(batch: dict) -> dict:
     """The tensors of a batch (input_ids, attention_mask, labels, mm_token_type_ids, pixel_values_videos,
     video_grid_thw, second_per_grid_ts); bookkeeping such as the sample ids stays out of the forward."""
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def answer_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Token-mean cross-entropy of the answer tokens: the model's own `labels=` loss (shifted by one, -100
+    ignored, logits in fp32), with the LM head applied only at the positions that predict a label.
+
+    Why: most of a sample is video and question, and full-sequence logits are the step's largest tensor (on
+    the recipe, 16k tokens x Qwen's 152k vocabulary is ~10 GB in fp32); here they cost only the answers.
+    """
+    inputs = model_inputs(batch)
+    labels = inputs.pop("labels")  # [B, L]
+    targets = labels[:, 1:]  # [B, L-1]: the token each position predicts
+    predicts = torch.zeros_like(labels, dtype=torch.bool)  # [B, L]
+    predicts[:, :-1] = targets != -100
+    logits = model(**inputs, logits_to_keep=predicts).logits  # [n, V]: the kept positions, row-major
+    return F.cross_entropy(logits.float(), targets[predicts[:, :-1]])
 
 
 class SFTModule(StageModule):
@@ -77,7 +95,7 @@ class SFTModule(StageModule):
         self._batch_started = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        loss = self(**batch).loss
+        loss = answer_loss(self.model, batch)
         bs = batch["input_ids"].shape[0]
         if self._any_rank(~torch.isfinite(loss.detach())):
             self._skip_bad_update(f"loss {loss.item()}", batch)
@@ -99,7 +117,7 @@ class SFTModule(StageModule):
         self.log("train/batch_s", seconds, on_step=True, on_epoch=False, batch_size=1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
+        loss = answer_loss(self.model, batch)
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
                  batch_size=batch["input_ids"].shape[0])
         return loss

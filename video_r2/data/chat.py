@@ -69,5 +69,6 @@ def reward_sample(record: dict, index: int, prompt_text: str) -> dict:
         "solution": reference,
         "temporal_grounding": dict(record.get("temporal_grounding") or {}),
         "question_type": record.get("question_type"),
+        "video": record.get("video"),  # where `video-r2 inspect` finds the frames again
         "prompt_text": prompt_text,
     }

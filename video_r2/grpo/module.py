@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -16,7 +19,7 @@ from video_r2.grpo.config import LossArgs, RewardArgs, RolloutArgs
 from video_r2.grpo.groups import RankGroups
 from video_r2.grpo.loss import combine_rewards, completion_logps, group_advantages, grpo_loss
 from video_r2.grpo.rollout import PromptVisuals, encode_visuals, generation_token_ids, sample_completions
-from video_r2.grpo.stats import completion_length_stats, reward_stats
+from video_r2.grpo.stats import completion_length_stats, completion_log, reward_stats
 from video_r2.grpo.types import Rollout, ScoredRollout, completion_mask
 from video_r2.judge import JudgeClient
 from video_r2.model import LoraConfigArgs, ModelConfig
@@ -54,7 +57,8 @@ class GRPOModule(StageModule):
         optim: AdamW and its schedule (GRPO's default: lr 1e-6, weight decay 0.01, no warmup).
         export: where the HF exports go.
         max_bad_steps: this many non-finite updates in a row stop the run.
-        log_completions_every: every this many steps, a TensorBoard text table of prompts, completions, rewards.
+        log_completions_every: every this many steps, a TensorBoard text table of prompts, completions, rewards,
+            and `<log_dir>/completions/step-N.json` with TAR's reasons (`video-r2 inspect` reads it).
     """
 
     stage_name = "GRPO"
@@ -339,6 +343,7 @@ class GRPOModule(StageModule):
         every = self.log_completions_every
         if every and self.global_step % every == 0:
             self.log_completions(completions, batch, scored)
+            self.write_completions(completions, batch, scored)
 
     def log_completions(self, completions: list[str], batch: dict, scored: ScoredRollout) -> None:
         """A TensorBoard text table: prompt, completion and each reward, one row per completion."""
@@ -354,6 +359,31 @@ class GRPOModule(StageModule):
             values = " | ".join(f"{float(scored.rewards[n][i]):.2f}" for n in names)
             lines.append(f"| {_cell(question)} | {_cell(text)} | {values} |")
         experiment.add_text("completions", header + "\n".join(lines), self.global_step)
+
+    def write_completions(self, completions: list[str], batch: dict, scored: ScoredRollout) -> None:
+        """`<log_dir>/completions/step-N.json` (`step-N.rankR.json` on several ranks): the logged step's
+        completions, rewards and TAR's reasons, in `video-r2 evaluate`'s layout: `video-r2 inspect FILE` shows
+        why TAR scored each one."""
+        log_dir = self.trainer.log_dir if self._trainer is not None else None
+        if not log_dir:
+            return
+        g = self.rollout_args.local_generations
+        samples = [s for s in batch["samples"] for _ in range(g)]
+        details = self.reward_context.last_tar_details if "tar" in scored.rewards else None
+        if details is not None and len(details) != len(completions):
+            details = None  # not this step's TAR call (a custom reward replaced it)
+        data = getattr(self.trainer, "datamodule", None)
+        hp = getattr(data, "hparams", {})
+        source = {"model": str(self.backbone.name_or_path), "data_path": str(hp.get("data_path")),
+                  "video_folder": hp.get("video_folder") and str(hp["video_folder"]),
+                  "subtitles_folder": hp.get("subtitles_folder") and str(hp["subtitles_folder"]),
+                  "sampling": dataclasses.asdict(data.sampling) if hasattr(data, "sampling") else None,
+                  "draw_timestamps": hp.get("draw_timestamps", True), "draw_subtitles": hp.get("draw_subtitles", True)}
+        log = completion_log(completions, samples, scored.rewards, details, self.global_step, source)
+        suffix = f".rank{self.global_rank}" if self.trainer.world_size > 1 else ""
+        path = Path(log_dir) / "completions" / f"step-{self.global_step:06d}{suffix}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(log, indent=1))
 
 
 def _cell(text: str) -> str:

@@ -56,3 +56,30 @@ def completion_length_stats(completion_ids: Tensor, eos_token_ids: int | Iterabl
         "completions/max_length": lengths.max().item(),
         "completions/truncated_frac": (~has_eos).float().mean().item(),
     }
+
+
+def completion_log(completions: Sequence[str], samples: Sequence[Mapping], rewards: Mapping[str, Tensor],
+                   tar_details: Sequence | None, step: int, source: Mapping) -> dict:
+    """One step's completions in `video-r2 evaluate`'s JSON layout, so that `video-r2 inspect` reads either.
+
+    `samples[i]` is the record of completion i; `rewards` the step's values ([N], NaN where a reward had none);
+    `tar_details` the TAR reasons per completion (or None without TAR); `source` says where the frames came
+    from (model, data_path, video_folder, subtitles_folder, sampling, draw_timestamps, draw_subtitles).
+    """
+    rows = []
+    for i, (text, sample) in enumerate(zip(completions, samples, strict=True)):
+        row = {"id": f"{sample.get('id')} #{i}", "question_type": sample.get("question_type"), "completion": text,
+               "question": sample.get("question"), "answer": sample.get("answer"), "video": sample.get("video")}
+        for name, values in rewards.items():
+            value = float(values[i])
+            row[name] = None if value != value else value  # NaN: the reward had no value
+        if tar_details is not None:
+            detail = tar_details[i]
+            row.update(grounded=detail.grounded, consistent=detail.consistent, tar_details=detail.to_dict())
+        rows.append(row)
+    log = {**source, "step": step, "num_samples": len(rows)}
+    for name in rewards:
+        valid = [r[name] for r in rows if r[name] is not None]
+        log[name] = sum(valid) / len(valid) if valid else None
+    log["samples"] = rows
+    return log
