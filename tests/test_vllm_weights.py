@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from video_r2.grpo.vllm_engine import collapse_runs, hf_weights, logp_gap
+from video_r2.grpo.vllm_engine import collapse_runs, logp_gap
+from video_r2.grpo.weights import hf_weights
 from video_r2.model import apply_lora, load_model
 
 
@@ -100,5 +101,62 @@ def test_hf_weights_under_fsdp2_gather_layer_by_layer(tiny_demo, tmp_path):
         port = sock.getsockname()[1]
     out = tmp_path / "ok"
     mp.start_processes(_fsdp2_worker, args=(2, port, str(tiny_demo / "model"), str(out)), nprocs=2,
+                       start_method="spawn", join=True)
+    assert out.read_text() == "ok"
+
+
+# ---- FSDP1: each unit unsharded on its own, as Lightning's FSDPStrategy wraps the LightningModule -------------
+
+
+def _fsdp1_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from video_r2.model import LoraConfigArgs, ModelConfig, build_model, fsdp_wrap_policy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name_or_path=path, attn_implementation="sdpa"),
+                            LoraConfigArgs(r=4, alpha=8, dropout=0.0), dtype=torch.float32)
+        with torch.no_grad():  # adapters that are not zero, so the merge shows
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        expected = {n: t.clone() for chunk in hf_weights(model, trainable_only=False) for n, t in chunk}
+        expected_trainable = [n for chunk in hf_weights(model, trainable_only=True) for n, _ in chunk]
+
+        class Holder(torch.nn.Module):  # Lightning's FSDP1 root wraps the LightningModule, which holds the model
+            def __init__(self, inner):
+                super().__init__()
+                self.model = inner
+
+        root = FSDP(Holder(model), auto_wrap_policy=fsdp_wrap_policy(), device_id=torch.device("cpu"),
+                    use_orig_params=True)
+        inner = root.model
+        assert any(p.ndim == 1 and "weight" in n and "norm" not in n for n, p in inner.named_parameters())  # sharded
+        biggest, seen = 0, {}
+        for chunk in hf_weights(inner, trainable_only=False, fsdp_root=root):
+            biggest = max(biggest, sum(t.numel() for _, t in chunk))
+            seen.update(chunk)
+        assert sorted(seen) == sorted(expected), sorted(set(seen) ^ set(expected))
+        for name, tensor in seen.items():
+            torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
+        assert biggest < sum(t.numel() for t in expected.values()) / 2  # never the whole model at once
+        trainable = [n for chunk in hf_weights(inner, trainable_only=True, fsdp_root=root) for n, _ in chunk]
+        assert sorted(trainable) == sorted(expected_trainable)
+        if rank == 0:
+            open(out, "w").write("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hf_weights_under_fsdp1_unshard_one_unit_at_a_time(tiny_demo, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ok"
+    mp.start_processes(_fsdp1_worker, args=(2, port, str(tiny_demo / "model"), str(out)), nprocs=2,
                        start_method="spawn", join=True)
     assert out.read_text() == "ok"

@@ -153,7 +153,7 @@ class GRPOModule(StageModule):
             update = self.policy_update(scored, visuals, batch)
         if self.vllm_engine is not None:
             with timer("vllm_push"):  # the engine samples the next rollout with the updated weights
-                self.vllm_engine.push_weights(self.model)
+                self.vllm_engine.push_weights(self.model, fsdp_root=self.fsdp1_root())
         # 6. logging
         self.log_step(scored, group_raw, group_total, completions, batch, update, timer)
 
@@ -312,13 +312,21 @@ class GRPOModule(StageModule):
         scheduler.step()
         return {key: sum(values) / len(values) for key, values in metrics.items()}
 
+    def fsdp1_root(self) -> torch.nn.Module | None:
+        """Under Lightning's FSDPStrategy, the root FSDP unit (the wrapped LightningModule), else None."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            return self.trainer.strategy.model
+        return None
+
     def clip_and_measure_gradients(self) -> Tensor:
         """Clip the global gradient norm to ``max_grad_norm``; returns the norm before clipping."""
         from lightning.pytorch.strategies import FSDPStrategy
 
         max_norm = self.loss_args.max_grad_norm or float("inf")
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            return self.trainer.strategy.model.clip_grad_norm_(max_norm)  # FSDP1 reduces across shards
+            return self.fsdp1_root().clip_grad_norm_(max_norm)  # FSDP1 reduces across shards
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
             return torch.zeros((), device=self.device)

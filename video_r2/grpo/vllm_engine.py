@@ -14,7 +14,8 @@ weights. What differs from HF ``generate`` (`video_r2.grpo.rollout.sample_comple
 * **Weights.** `push_weights` sends the policy's weights under their HF names with vLLM's
   ``reload_weights`` (the CPU backend repacks its linear weights, so ``model.load_weights`` does not work
   there), LoRA merged on the fly (``W + scale * B @ A``, DoRA's magnitude applied; the policy is never
-  modified), gathered one layer at a time under FSDP2 so no rank ever holds the whole model. After a push
+  modified), gathered one layer at a time under FSDP1 and FSDP2 so no rank ever holds the whole model
+  (`video_r2.grpo.weights`). After a push
   the encoder and prefix caches are reset: their entries were computed with the old weights (a stale
   encoder cache entry even kills the engine on the next video request).
 * **Log-probs.** The engine returns the log-probs of the tokens it sampled (``SamplingParams(logprobs=0)``
@@ -47,12 +48,9 @@ from torch import Tensor
 from video_r2.grpo.config import RolloutArgs
 from video_r2.grpo.rollout import PromptVisuals, encode_visuals
 from video_r2.grpo.types import Rollout, completion_mask
-from video_r2.model import base_name, is_lora_name
+from video_r2.grpo.weights import hf_weights
 
 log = logging.getLogger(__name__)
-
-# Parameters per reload_weights call when nothing marks a layer boundary (the embeddings, the vision tower).
-_CHUNK_TENSORS = 64
 
 
 def vllm_available() -> bool:
@@ -261,18 +259,20 @@ class VLLMEngine:
     # ---- weights -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def push_weights(self, model: torch.nn.Module, full: bool = False) -> int:
+    def push_weights(self, model: torch.nn.Module, full: bool = False,
+                     fsdp_root: torch.nn.Module | None = None) -> int:
         """Send the policy's current weights to the engine; returns how many tensors went.
 
         ``full=False`` sends only what can have changed (the trainable weights, LoRA layers merged).
-        Collective under FSDP2: every rank calls it, each pushing into its own engine.
+        Collective under FSDP1 and FSDP2: every rank calls it, each pushing into its own engine;
+        ``fsdp_root`` is FSDP1's root unit when it wraps ``model`` from above (`video_r2.grpo.weights`).
         """
         self.wake_up(tags=["weights"])
         sent = 0
 
         def stream() -> Iterator[tuple[str, Tensor]]:
             nonlocal sent
-            for chunk in hf_weights(model, trainable_only=not full):  # gathered when vLLM asks for the next one
+            for chunk in hf_weights(model, trainable_only=not full, fsdp_root=fsdp_root):  # gathered when vLLM asks for the next one
                 sent += len(chunk)
                 yield from chunk
 
@@ -347,82 +347,6 @@ def collapse_runs(ids: Tensor, types: Tensor | None) -> list[int]:
 
 
 # ---- weights under their HF names, a layer at a time -----------------------------------------------
-
-
-def _full(tensor: Tensor) -> Tensor:
-    """A parameter as one whole tensor: an FSDP2 DTensor is all-gathered (collective), others pass."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def _layer_of(name: str) -> str:
-    """The unit a parameter is pushed with: ``...layers.N`` / ``...blocks.N``, else its module path."""
-    parts = name.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p in ("layers", "blocks") and parts[i + 1].isdigit():
-            return ".".join(parts[: i + 2])
-    return ".".join(parts[:-1])
-
-
-def _merged_lora_weight(module: torch.nn.Module, base: Tensor) -> Tensor:
-    """``W + scale * B @ A`` for a peft LoRA Linear (DoRA: then scaled by magnitude / row norm)."""
-    weight = base.float()
-    for adapter in module.active_adapters:
-        if adapter not in module.lora_A:
-            continue
-        A = _full(module.lora_A[adapter].weight).float()  # [r, in]
-        B = _full(module.lora_B[adapter].weight).float()  # [out, r]
-        delta = (B @ A) * module.scaling[adapter]  # [out, in]
-        if getattr(module, "fan_in_fan_out", False):
-            delta = delta.T
-        magnitudes = getattr(module, "lora_magnitude_vector", None)
-        if magnitudes is not None and adapter in magnitudes:  # DoRA
-            magnitude = _full(magnitudes[adapter].weight).float()  # [out]
-            merged = weight + delta
-            weight = merged * (magnitude / merged.norm(p=2, dim=1)).unsqueeze(1)
-        else:
-            weight = weight + delta
-    return weight.to(base.dtype)
-
-
-def hf_weights(model: torch.nn.Module, trainable_only: bool) -> Iterator[list[tuple[str, Tensor]]]:
-    """The model's weights as ``(HF name, tensor)`` chunks, one decoder layer / vision block per chunk.
-
-    LoRA layers are merged on the fly (adapter weights never leave); ``trainable_only`` keeps the tensors
-    that can change during training: trainable ones and the base weights of layers whose adapters train.
-    Under FSDP2 each tensor is all-gathered only when its chunk is built, so at most one layer is whole
-    at a time; every rank iterates in the same order (the gathers are collective).
-    """
-    modules = dict(model.named_modules())
-    if any("_fsdp_wrapped_module" in name for name in modules):
-        raise NotImplementedError(
-            "rollout_engine='vllm' cannot gather weights under FSDPStrategy (FSDP1) yet: use "
-            "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2, gathered layer by layer) or DDP")
-    chunk: list[tuple[str, Tensor]] = []
-    unit = None
-    for name, param in model.named_parameters():
-        if is_lora_name(name):
-            continue
-        owner_name = name.rsplit(".", 1)[0]
-        lora_owner = None
-        if owner_name.endswith(".base_layer"):
-            lora_owner = modules.get(owner_name.removesuffix(".base_layer"))
-        if trainable_only:  # a LoRA layer's merged weight changes when its adapters train; its bias does not
-            adapters_train = lora_owner is not None and name.endswith(".weight") and any(
-                p.requires_grad for n, p in lora_owner.named_parameters() if is_lora_name(n))
-            if not (param.requires_grad or adapters_train):
-                continue
-        hf_name = base_name(name)
-        layer = _layer_of(hf_name)
-        if chunk and (layer != unit or len(chunk) >= _CHUNK_TENSORS):
-            yield chunk
-            chunk = []
-        unit = layer
-        tensor = _full(param.detach())
-        if lora_owner is not None and name.endswith(".weight"):
-            tensor = _merged_lora_weight(lora_owner, tensor)
-        chunk.append((hf_name, tensor.contiguous()))
-    if chunk:
-        yield chunk
 
 
 # ---- the gap between the engine's log-probs and the policy's ---------------------------------------
