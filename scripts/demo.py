@@ -11,6 +11,7 @@ recipe's (tiny random Qwen2.5-VL, synthetic timestamped videos, CPU):
     video-r2 fit --config configs/demo/grpo.yaml ... --model.init_args.rewards.funcs '[accuracy, format]'
     video-r2 evaluate ...   (base, SFT and both GRPO models on the held-out videos)
     video-r2 inspect demo/eval-grpo.json ; video-r2 inspect demo/eval-grpo_no_tar.json
+    video-r2 inspect runs/demo-grpo/completions/step-000040.json   (the last logged training step)
     video-r2 plot runs/demo-sft ; video-r2 plot runs/demo-grpo ; video-r2 plot runs/demo-grpo-no-tar
 
 The SFT answers reason in two styles (one cites the moment, one does not, both right), so the SFT model
@@ -254,6 +255,8 @@ def main() -> int:
                        "--model.init_args.rewards.weights", "[" + ", ".join(["1.0"] * len(funcs.split(","))) + "]"]
             if args.grpo_steps:
                 command += ["--trainer.max_steps", str(args.grpo_steps)]
+            if args.tiny:  # two steps: log both, so that a training step can be inspected
+                command += ["--model.init_args.log_completions_every", "1"]
             grpo_runs.append((name.replace("_", "-"), command))
         run_together(grpo_runs, logs, env, times)
 
@@ -276,6 +279,11 @@ def main() -> int:
             run(f"inspect-{name.replace('_', '-')}", [video_r2, "inspect", str(out / f"eval-{name}.json"),
                                                       "--out", str(out / f"inspect-{name}.html"),
                                                       "--num_samples", "6"], logs, env, times)
+        # What TAR made of the training rollouts themselves: the last step the GRPO run with TAR logged.
+        logged = sorted((runs / RUN_NAMES["grpo"] / "completions").glob("step-*.json"))
+        if logged:
+            run("inspect-grpo-training", [video_r2, "inspect", str(logged[-1]), "--out",
+                                          str(out / "inspect-grpo-training.html"), "--num_samples", "8"], logs, env, times)
         for run_name in RUN_NAMES.values():
             run(f"plot-{run_name}", [video_r2, "plot", str(runs / run_name)], logs, env, times)
         from video_r2.plot import plot_side_by_side, read_scalars
@@ -385,7 +393,8 @@ def summarize(summary: dict, results: dict, scalars: dict, out: Path, runs: Path
         "",
         f"TensorBoard logs:   tensorboard --logdir {runs}",
         f"plots:              {out / 'grpo-rewards.png'} (both GRPO runs side by side), {runs}/demo-*/curves.png",
-        f"why TAR scored:     {out / 'inspect-grpo.html'}, {out / 'inspect-grpo_no_tar.html'}",
+        f"why TAR scored:     {out / 'inspect-grpo.html'}, {out / 'inspect-grpo_no_tar.html'} (held-out), "
+        f"{out / 'inspect-grpo-training.html'} (a logged training step)",
         f"numbers:            {out / 'summary.json'}; stage logs: {out / 'logs'}",
         "next: the real recipe on GPUs, see README.md 'The real recipe'.",
     ]

@@ -27,7 +27,8 @@ def test_demo_runs_every_stage_and_prints_a_summary(tmp_path):
     stdout, stderr = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
     for stage in ("make-demo", "sft", "merge-lora", "grpo", "grpo-no-tar", "evaluate-base", "evaluate-sft",
-                  "evaluate-grpo", "evaluate-grpo-no-tar", "inspect-grpo", "inspect-grpo-no-tar"):
+                  "evaluate-grpo", "evaluate-grpo-no-tar", "inspect-grpo", "inspect-grpo-no-tar",
+                  "inspect-grpo-training"):
         assert f"=== {stage}: done in " in stdout, stage
     # Progress bars redraw with '\r': they reach the terminal as they come, not only as finished lines.
     assert "\r" in stdout
@@ -41,7 +42,7 @@ def test_demo_runs_every_stage_and_prints_a_summary(tmp_path):
     for name in ("demo-sft", "demo-grpo", "demo-grpo-no-tar"):
         assert (runs / name / "curves.png").exists()
     assert (out / "grpo-rewards.png").read_bytes()[:4] == b"\x89PNG"
-    for name in ("grpo", "grpo_no_tar"):
+    for name in ("grpo", "grpo_no_tar", "grpo-training"):
         assert "data:image/png;base64," in (out / f"inspect-{name}.html").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["models"]) == {"base", "sft", "grpo", "grpo_no_tar"}
