@@ -124,8 +124,9 @@ def _shape_image(event: int, size: int) -> Image.Image:
     return image
 
 
-def render_video(segments: list[Segment], size: int, frame_rate: int) -> torch.Tensor:
-    """uint8 [T, 3, size, size]: each segment's shape, plus a white dot sweeping the bottom edge (motion)."""
+def render_video(segments: list[Segment], size: int, frame_rate: int, time_bar: bool = True) -> torch.Tensor:
+    """uint8 [T, 3, size, size]: each segment's shape, and a clock: with `time_bar`, a white bar down the
+    right edge whose length grows with the time (full at the end); else a dot sweeping the bottom edge every 2 s."""
     duration = segments[-1].end
     shapes = {s.event: np.asarray(_shape_image(s.event, size)) for s in segments}
     frames = []
@@ -134,8 +135,11 @@ def render_video(segments: list[Segment], size: int, frame_rate: int) -> torch.T
         t = i / frame_rate
         segment = next(s for s in segments if s.start <= t < s.end)
         frame = shapes[segment.event].copy()
-        x = int((t % 2.0) / 2.0 * (size - dot))
-        frame[size - dot:, x:x + dot] = 255
+        if time_bar:  # the drawn MM:SS is too small for a tiny vision tower to read; a bar's length is not
+            frame[: max(1, round((t + 1 / frame_rate) / duration * size)), size - dot:] = 255
+        else:
+            x = int((t % 2.0) / 2.0 * (size - dot))
+            frame[size - dot:, x:x + dot] = 255
         frames.append(frame)
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
@@ -350,6 +354,7 @@ def make_demo(
     size: int = 56,
     frame_rate: int = 8,
     segments_per_video: int = 2,
+    time_bar: bool = True,
     numeric_fraction: float = 0.2,
     grounded_fraction: float = 0.4,
     wrong_time_fraction: float = 0.0,
@@ -375,6 +380,8 @@ def make_demo(
         size: frame side in pixels (a multiple of 28 keeps frames unresized).
         frame_rate: frames per second of the encoded videos.
         segments_per_video: shapes shown one after another in each video (2 to 4).
+        time_bar: draw a clock the tiny model can read, a white bar down the right edge that grows with the
+            time (false: a dot sweeping the bottom edge, which says nothing about the time beyond 2 s).
         numeric_fraction: share of questions answered with a number rather than an option letter.
         grounded_fraction: share of SFT answers whose reasoning cites the moment ("At 00:05 a ..."); the
             others reason without any time (or cite a wrong second, see below). About half and half, so
@@ -420,7 +427,7 @@ def make_demo(
         for i in range(count):
             name = f"{split}_{i:04d}.mp4"
             segments = random_segments(rng, duration, segments_per_video)
-            write_video(videos_dir / name, render_video(segments, size, frame_rate), frame_rate)
+            write_video(videos_dir / name, render_video(segments, size, frame_rate, time_bar), frame_rate)
             if i % 2 == 0:  # subtitles for every other video, matched by stem as in the original layout
                 write_srt(subs_dir / f"{Path(name).stem}.srt", segments)
             per_video = sft_questions_per_video if split == "sft" else 1
