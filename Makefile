@@ -30,6 +30,7 @@ bench: setup
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/judge.py
 	$(PY) benchmarks/judge_server.py
+	$(PY) benchmarks/sft_loss.py
 
 ## make bench-rollout: tokens/s of HF generate and the vLLM engine on the same prompts (in the vLLM venv)
 bench-rollout: setup-vllm

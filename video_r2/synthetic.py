@@ -276,7 +276,8 @@ def build_processor(tokenizer):
     )
 
 
-def build_model(tokenizer, text_hidden: int, text_layers: int, vision_hidden: int, vision_depth: int):
+def build_model(tokenizer, text_hidden: int, text_layers: int, vision_hidden: int, vision_depth: int,
+                tokens_per_second: int = 8):
     """A randomly initialised Qwen2.5-VL whose special-token ids match `tokenizer`."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -310,7 +311,7 @@ def build_model(tokenizer, text_hidden: int, text_layers: int, vision_hidden: in
             "fullatt_block_indexes": list(range(vision_depth)),
             # More rope steps per second than Qwen's 4: the tiny model reads time from positions, and
             # frames 0.5 s apart must not share one position.
-            "tokens_per_second": 8,
+            "tokens_per_second": tokens_per_second,
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -363,6 +364,7 @@ def make_demo(
     text_layers: int = 2,
     vision_hidden: int = 32,
     vision_depth: int = 1,
+    tokens_per_second: int = 8,
     overwrite: bool = False,
 ) -> Path:
     """Write the tiny Qwen2.5-VL checkpoint and the synthetic timestamped video dataset.
@@ -395,6 +397,7 @@ def make_demo(
         text_layers: decoder layers of the language model.
         vision_hidden: hidden size of the vision tower.
         vision_depth: blocks of the vision tower.
+        tokens_per_second: rope positions per second of video (the model's `vision_config.tokens_per_second`).
         overwrite: replace an existing output folder.
     """
     out = Path(out)
@@ -444,7 +447,7 @@ def make_demo(
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(_corpus([r for recs in records.values() for r in recs]), vocab_size)
-    model = build_model(tokenizer, text_hidden, text_layers, vision_hidden, vision_depth)
+    model = build_model(tokenizer, text_hidden, text_layers, vision_hidden, vision_depth, tokens_per_second)
     model.save_pretrained(out / "model")
     build_processor(tokenizer).save_pretrained(out / "model")
     n_params = sum(p.numel() for p in model.parameters())
