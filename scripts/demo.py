@@ -19,10 +19,11 @@ samples both; the two GRPO runs start from it with the same seed and steps and d
 in the reward. demo/summary.txt and demo/summary.json compare them on held-out videos. Any failing stage stops
 the demo with its name and a non-zero exit.
 
-Determinism: every stage runs with a fixed number of intra-op threads (`--threads`, default 1) and without
-dynamic thread adjustment, because float sums on the CPU depend on how the work is split between threads, and
-because on a loaded machine two spinning OpenMP threads run slower than one. The two GRPO runs (and the
-evaluations, two at a time) run side by side, one thread each.
+Determinism: every stage runs with a fixed number of intra-op threads and without dynamic thread adjustment,
+because float sums on the CPU depend on how the work is split between threads. SFT runs alone, with
+`--sft-threads` (default 2: the 2-core machine this demo is sized for); the two GRPO runs (and the evaluations,
+two at a time) run side by side with `--threads` each (default 1). A fixed count gives the same numbers on
+every run of one machine; change it and the floats, and so the trajectory, change.
 """
 
 from __future__ import annotations
@@ -200,7 +201,10 @@ def main() -> int:
     parser.add_argument("--out", default="demo", help="folder for the checkpoint, data, merged models and results")
     parser.add_argument("--runs", default="runs", help="folder the configs log to (TensorBoard, checkpoints, exports)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the dataset, the tiny model and both trainings")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per stage (fixed for determinism)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads of each stage that runs beside another (fixed for determinism)")
+    parser.add_argument("--sft-threads", type=int, default=2,
+                        help="intra-op threads of the SFT stage, which runs alone (fixed for determinism)")
     parser.add_argument("--sft-steps", type=int, default=None, help="override trainer.max_steps of the SFT stage")
     parser.add_argument("--grpo-steps", type=int, default=None, help="override trainer.max_steps of both GRPO runs")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out videos only")
@@ -238,7 +242,7 @@ def main() -> int:
             sft += ["--trainer.max_steps", str(args.sft_steps)]
         if args.tiny:  # a handful of steps: log every one, so the plots have points
             sft += ["--trainer.log_every_n_steps", "1"]
-        run("sft", sft, logs, env, times)
+        run("sft", sft, logs, stage_env(args.sft_threads), times)
         run("merge-lora", [video_r2, "merge-lora", "--base_model", str(out / "model"),
                            "--lora_model", str(runs / "demo-sft/hf/final"), "--output_dir", str(out / "sft-merged")],
             logs, env, times)
@@ -333,6 +337,7 @@ def summary_numbers(results: dict, out: Path, seconds: float, times: dict, args)
         "chance": results["base"]["chance_accuracy"],
         "num_eval_samples": results["base"]["num_samples"],
         "seed": args.seed,
+        "threads": {"sft": args.sft_threads, "other_stages": args.threads},
         "wall_time_s": round(seconds, 1),
         "stage_time_s": {k: round(v, 1) for k, v in times.items()},
     }

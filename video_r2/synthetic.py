@@ -124,7 +124,7 @@ def _shape_image(event: int, size: int) -> Image.Image:
     return image
 
 
-def render_video(segments: list[Segment], size: int, frame_rate: int, time_bar: bool = True) -> torch.Tensor:
+def render_video(segments: list[Segment], size: int, frame_rate: int, time_bar: bool = False) -> torch.Tensor:
     """uint8 [T, 3, size, size]: each segment's shape, and a clock: with `time_bar`, a white bar down the
     right edge whose length grows with the time (full at the end); else a dot sweeping the bottom edge every 2 s."""
     duration = segments[-1].end
@@ -355,7 +355,7 @@ def make_demo(
     size: int = 56,
     frame_rate: int = 8,
     segments_per_video: int = 2,
-    time_bar: bool = True,
+    time_bar: bool = False,
     numeric_fraction: float = 0.2,
     grounded_fraction: float = 0.4,
     wrong_time_fraction: float = 0.0,
@@ -382,8 +382,10 @@ def make_demo(
         size: frame side in pixels (a multiple of 28 keeps frames unresized).
         frame_rate: frames per second of the encoded videos.
         segments_per_video: shapes shown one after another in each video (2 to 4).
-        time_bar: draw a clock the tiny model can read, a white bar down the right edge that grows with the
-            time (false: a dot sweeping the bottom edge, which says nothing about the time beyond 2 s).
+        time_bar: draw a white bar down the right edge that grows with the time, a clock a tiny vision tower
+            can read (the drawn MM:SS is a few pixels high), instead of a dot sweeping the bottom edge every
+            2 s. Off: measured with seed 0 it did not make SFT learn the timing sooner (held-out accuracy
+            0.708 after 2,500 steps, the shortcut's).
         numeric_fraction: share of questions answered with a number rather than an option letter.
         grounded_fraction: share of SFT answers whose reasoning cites the moment ("At 00:05 a ..."); the
             others reason without any time (or cite a wrong second, see below). About half and half, so
