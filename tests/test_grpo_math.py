@@ -166,6 +166,30 @@ def test_kl_is_zero_when_policy_equals_reference():
     close(loss, (-2 - 2 + 1) / 3)
 
 
+def test_importance_weights_scale_each_tokens_policy_term_not_the_kl():
+    """TRL's truncated importance sampling: weights multiply the clipped-ratio term per token, before the KL."""
+    from video_r2.grpo.vllm_engine import importance_weights
+
+    logps, old, adv, mask = _ratio_example()
+    ref = logps.detach() - 0.3
+    plain, _ = grpo_loss(logps, old, ref, adv, mask, beta=0.0, loss_type="bnpo")
+    ones, _ = grpo_loss(logps, old, ref, adv, mask, beta=0.0, loss_type="bnpo", importance_weights=torch.ones(2, 3))
+    close(ones, plain)
+    halved, _ = grpo_loss(logps, old, ref, adv, mask, beta=0.0, loss_type="bnpo",
+                          importance_weights=torch.full((2, 3), 0.5))
+    close(halved, 0.5 * plain)
+    # With beta the KL part is not reweighted: loss(w=0) is beta * KL alone.
+    kl_only, m = grpo_loss(logps, old, ref, adv, mask, beta=0.1, loss_type="bnpo",
+                           importance_weights=torch.zeros(2, 3))
+    close(kl_only, 0.1 * m["kl"])
+    # The weights: exp(policy - engine), truncated at the cap, 1 where masked; never a gradient path.
+    policy = torch.tensor([[0.0, -1.0, -2.0]], requires_grad=True)
+    engine = torch.tensor([[-0.5, -1.0, -0.1]])
+    w = importance_weights(policy, engine, torch.tensor([[1, 1, 0]]), cap=1.5)
+    close(w, torch.tensor([[1.5, 1.0, 1.0]]))  # e^0.5 = 1.65 capped; equal; masked
+    assert not w.requires_grad
+
+
 def test_loss_argument_errors():
     with pytest.raises(ValueError):
         grpo_loss(LOGPS, None, None, ADV, MASK, beta=0.04)  # reference needed
@@ -298,3 +322,15 @@ def test_completion_length_stats():
                  "completions/max_length": 4.0, "completions/truncated_frac": 0.25}
 
 
+
+
+def test_rollout_args_refuse_what_cannot_work():
+    from video_r2.grpo import RolloutArgs
+
+    with pytest.raises(ValueError, match="ranks_per_group"):
+        RolloutArgs(num_generations=8, ranks_per_group=3)
+    with pytest.raises(ValueError, match="needs rollout.rollout_engine: vllm"):
+        RolloutArgs(vllm_importance_sampling_cap=2.0)  # HF generate is the policy: nothing to correct
+    with pytest.raises(ValueError, match=">= 1"):
+        RolloutArgs(rollout_engine="vllm", vllm_importance_sampling_cap=0.5)
+    assert RolloutArgs(rollout_engine="vllm", vllm_importance_sampling_cap=2.0).vllm_importance_sampling_cap == 2.0

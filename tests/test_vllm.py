@@ -252,15 +252,18 @@ def test_fit_cli_runs_grpo_with_vllm_rollouts(vllm_demo, rules_judge, tmp_path):
     args = grpo_cli(vllm_demo, rules_judge.base_url, tmp_path, "--trainer.max_steps", "3",
                     "--model.init_args.rollout.rollout_engine", "vllm",
                     "--model.init_args.rollout.vllm_kv_cache_gb", "1",
-                    "--model.init_args.rollout.vllm_max_model_len", "1024")
+                    "--model.init_args.rollout.vllm_max_model_len", "1024",
+                    "--model.init_args.rollout.vllm_importance_sampling_cap", "2.0")
     out = _run(args, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     scalars = read_scalars(tmp_path / "demo-grpo")
     for tag in ("train/vllm/logp_gap_mean", "train/vllm/logp_gap_max", "train/time/vllm_push_s", "train/reward/mean",
-                "train/kl"):
+                "train/kl", "train/vllm/is_weight_mean"):
         assert len(scalars[tag]) == 3, (tag, sorted(scalars))
         assert all(math.isfinite(v) for _, v in scalars[tag])
     assert all(v < VIDEO_GAP + 0.05 for _, v in scalars["train/vllm/logp_gap_max"]), scalars["train/vllm/logp_gap_max"]
+    # Truncated importance sampling: weights near 1 (the engine is the policy up to numerics), never above the cap.
+    assert all(0.9 < v <= 2.0 for _, v in scalars["train/vllm/is_weight_mean"]), scalars["train/vllm/is_weight_mean"]
     assert scalars["train/judge/failures"][-1][1] == 0
 
 

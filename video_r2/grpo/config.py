@@ -33,6 +33,9 @@ class RolloutArgs:
     vllm_sleep: bool = False  # vllm on GPUs: free the engine's memory (sleep level 1) between rollouts
     vllm_max_model_len: int | None = None  # vllm: longest prompt + completion; None: the checkpoint's own limit
     vllm_dtype: str = "auto"  # vllm: weight dtype; "auto" follows the policy's (fp32 on the CPU demo)
+    # vllm: TRL's truncated importance sampling: each token's policy-gradient loss is weighted by
+    # min(pi_policy / pi_vllm, cap) of the sampled token, correcting for the engine's numerics; None: off
+    vllm_importance_sampling_cap: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -43,6 +46,13 @@ class RolloutArgs:
                              f"({self.num_generations}): each rank samples the same share of every group")
         if self.rollout_engine not in ("hf", "vllm"):
             raise ValueError(f"rollout.rollout_engine must be 'hf' or 'vllm', got {self.rollout_engine!r}")
+        if self.vllm_importance_sampling_cap is not None:
+            if self.rollout_engine != "vllm":
+                raise ValueError("rollout.vllm_importance_sampling_cap corrects vLLM's sampling: it needs "
+                                 "rollout.rollout_engine: vllm")
+            if not self.vllm_importance_sampling_cap >= 1:
+                raise ValueError(f"rollout.vllm_importance_sampling_cap must be >= 1 (TRL uses 2), got "
+                                 f"{self.vllm_importance_sampling_cap}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got "
                              f"{self.vllm_gpu_memory_utilization}")

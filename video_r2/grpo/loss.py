@@ -60,6 +60,7 @@ def grpo_loss(
     loss_type: LossType = "grpo",
     max_completion_length: int | None = None,
     bnpo_normalizer: Tensor | float | None = None,
+    importance_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped-ratio GRPO loss with a k3 KL penalty, aggregated per ``loss_type`` (module docstring).
 
@@ -72,6 +73,8 @@ def grpo_loss(
         max_completion_length: the constant of ``"dr_grpo"`` (required for it, ignored otherwise).
         bnpo_normalizer: what ``"bnpo"`` divides the token sum by; None: this batch's unmasked tokens. Groups
             spanning ranks pass the group's mean per rank, so the ranks' averaged gradient is the group's.
+        importance_weights: ``[N, L]`` detached weights of each token's policy-gradient term (not of the KL
+            penalty), as TRL's truncated importance sampling applies them; None: 1.
 
     Returns:
         ``(loss, metrics)``: a scalar loss, and 0-dim detached tensors ``clip_ratio/low_mean`` (fraction of
@@ -92,6 +95,8 @@ def grpo_loss(
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [N, L]
     A = advantages.to(logps.dtype).unsqueeze(1)  # [N, 1]
     per_token = -torch.min(ratio * A, clipped * A)  # [N, L]
+    if importance_weights is not None:  # the sampler was not the policy: reweight what it sampled
+        per_token = per_token * importance_weights.to(per_token.dtype)  # [N, L]
 
     metrics: dict[str, Tensor] = {}
     if ref_logps is not None:

@@ -191,7 +191,7 @@ class GRPOModule(StageModule):
     def sample_with_vllm(self, batch: dict) -> tuple[Rollout, PromptVisuals, list[str]]:
         """1, with ``rollout_engine: vllm``: this rank's in-process engine samples; the mean and max gap
         between its log-probs and the policy's own is logged (``train/vllm/logp_gap_*``)."""
-        from video_r2.grpo.vllm_engine import VLLMEngine, logp_gap
+        from video_r2.grpo.vllm_engine import VLLMEngine, importance_weights, logp_gap
 
         if self.vllm_engine is None:
             self.vllm_engine = VLLMEngine.for_module(self)
@@ -203,8 +203,14 @@ class GRPOModule(StageModule):
         with torch.no_grad():
             policy_logps = self.sequence_logps(self.model, rollout, range(rollout.num_completions), visuals)
         up_to_eos = completion_mask(rollout.completion_ids, self.eos_token_ids)  # every sampled token
+        metrics = logp_gap(engine_logps, policy_logps, up_to_eos)
+        if r.vllm_importance_sampling_cap is not None:  # TRL's truncated importance sampling, per token
+            weights = importance_weights(policy_logps, engine_logps, up_to_eos, r.vllm_importance_sampling_cap)
+            rollout = dataclasses.replace(rollout, importance_weights=weights)
+            counted = up_to_eos.bool()
+            metrics["vllm/is_weight_mean"] = weights[counted].mean().item() if counted.any() else 1.0
         if self._trainer is not None:
-            self.log_dict({f"train/{k}": v for k, v in logp_gap(engine_logps, policy_logps, up_to_eos).items()},
+            self.log_dict({f"train/{k}": v for k, v in metrics.items()},
                           on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         texts = self.processor.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         return rollout, visuals, texts
@@ -292,6 +298,7 @@ class GRPOModule(StageModule):
                     max_completion_length=self.rollout_args.max_completion_length,
                     bnpo_normalizer=self.groups.bnpo_normalizer(rollout.completion_mask[sl], self.device)
                     if a.loss_type == "bnpo" else None,
+                    importance_weights=None if rollout.importance_weights is None else rollout.importance_weights[sl],
                 )
                 optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(loss)

@@ -31,6 +31,9 @@ class Rollout:
     # tower trains; otherwise the features encoded once at rollout time (PromptVisuals) serve every pass.
     prompt_inputs: dict[str, Tensor] = field(default_factory=dict)
     mm_token_type_ids: Tensor | None = None  # [N, P]: 0 text, 1 image, 2 video (the 3-D rope needs it)
+    # [N, L] float, detached: truncated importance weights min(pi_policy / pi_engine, cap) per sampled token,
+    # when a rollout engine other than the policy sampled and the correction is on; None: weight 1
+    importance_weights: Tensor | None = None
 
     @property
     def num_completions(self) -> int:  # N

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -361,4 +362,12 @@ def logp_gap(engine_logps: Tensor, policy_logps: Tensor, mask: Tensor) -> dict[s
     return {"vllm/logp_gap_mean": gap.mean().item(), "vllm/logp_gap_max": gap.max().item()}
 
 
-__all__ = ["VLLMEngine", "vllm_available", "vllm_video", "collapse_runs", "hf_weights", "logp_gap"]
+def importance_weights(policy_logps: Tensor, engine_logps: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """TRL's truncated importance sampling: ``min(exp(policy - engine), cap)`` per sampled token ``[N, L]``
+    (1 where ``mask`` is 0), detached: the tokens came from the engine, the loss is the policy's."""
+    ratio = torch.exp((policy_logps.float() - engine_logps.float()).clamp(max=math.log(cap)))  # [N, L]
+    return torch.where(mask.bool(), ratio, torch.ones_like(ratio)).detach()
+
+
+__all__ = ["VLLMEngine", "vllm_available", "vllm_video", "collapse_runs", "hf_weights", "importance_weights",
+           "logp_gap"]
