@@ -200,6 +200,13 @@ def test_grpo_batch_left_padded_forward(tiny_demo, processor, model):
     assert samples[0]["temporal_grounding"] == rec["temporal_grounding"]
     assert samples[0]["question_type"] == rec["question_type"] and samples[0]["id"] == rec["id"]
     assert samples[0]["prompt_text"].endswith(HEADER) and "labels" not in batch
+    assert samples[0]["video"] == rec["video"]  # `video-r2 inspect` finds the frames again from it
+    # The drawn frames travel with a sample only for a rollout engine that needs them (vLLM).
+    assert "videos" not in samples[0] and "video_metadata" not in samples[0]
+    ds.keep_frames = True
+    kept = ds.load(0)["sample"]
+    assert kept["videos"][0].dtype == torch.uint8 and kept["videos"][0].shape[1] == 3  # [T, C, H, W]
+    assert len(kept["video_metadata"]) == 1
     with torch.no_grad():
         out = model(**{k: batch[k] for k in MODEL_KEYS})
         alone = model(**{k: items[1][k].unsqueeze(0) if items[1][k].dim() == 1 else items[1][k] for k in MODEL_KEYS})

@@ -99,7 +99,7 @@ def video_batch(vllm_demo, processor, n: int = 2) -> tuple[dict, list[dict]]:
     records = json.loads((data / "video-r2-grpo-dataset.json").read_text())
     dataset = VideoR2Dataset(records, processor, data / "videos", data / "subtitles", stage="grpo",
                              sampling=Sampling(fps=2.0, max_frames=16, min_frames=4, video_min_pixels=3136,
-                                               video_max_pixels=3136))
+                                               video_max_pixels=3136), keep_frames=True)
     batch = Collator(processor.tokenizer.pad_token_id, "left")([dataset[i] for i in range(n)])
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, batch["samples"]
 

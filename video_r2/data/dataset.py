@@ -70,6 +70,7 @@ class VideoR2Dataset(Dataset):
         on_bad_sample: Literal["raise", "skip"] = "raise",
         seed: int = 0,
         cache_samples: bool = False,
+        keep_frames: bool = False,
     ):
         if on_bad_sample not in ("raise", "skip"):
             raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
@@ -83,6 +84,10 @@ class VideoR2Dataset(Dataset):
         self.skipped: Counter[str] = Counter()  # reason -> count, in this process (workers keep their own)
         # index -> processed sample; for small datasets seen for many epochs (each worker keeps its own)
         self.cache: dict[int, dict] | None = {} if cache_samples else None
+        # GRPO with the vLLM engine: each sample also keeps its drawn uint8 frames and their metadata (the
+        # engine is fed them). Off, they are dropped once processed: a 128-frame 360x420 video is ~58 MB that
+        # would otherwise travel through the DataLoader's workers with every sample.
+        self.keep_frames = keep_frames
         self._cues: dict[Path, list | None] = {}  # .srt path -> its cues
         tok = processor.tokenizer
         self._assistant_header = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
@@ -220,9 +225,9 @@ class VideoR2Dataset(Dataset):
         if self.stage == "sft":
             item["labels"] = self.assistant_labels(item["input_ids"])
         else:
-            # videos (uint8 [T, C, H, W], as drawn) and their VideoMetadata: what a vLLM rollout engine is fed
-            item["sample"] = {**reward_sample(record, index, text), "frame_times": frame_times,
-                              "videos": videos, "video_metadata": metadata}
+            item["sample"] = {**reward_sample(record, index, text), "frame_times": frame_times}
+            if self.keep_frames:  # videos (uint8 [T, C, H, W], as drawn) and their VideoMetadata, for vLLM
+                item["sample"].update(videos=videos, video_metadata=metadata)
         return item
 
     def assistant_labels(self, input_ids: torch.Tensor) -> torch.Tensor:

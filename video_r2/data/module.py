@@ -100,6 +100,8 @@ class VideoDataModule(LightningDataModule):
         self.processor = None
         self.train_dataset: VideoR2Dataset | None = None
         self.val_dataset: VideoR2Dataset | None = None
+        # Set by GRPOModule when its rollout engine needs each prompt's frames (rollout_engine: vllm).
+        self.keep_frames = False
         self.skipped = 0  # samples skipped so far (on_bad_sample=skip), summed over this rank's workers
 
     def load_processor(self):
@@ -115,7 +117,7 @@ class VideoDataModule(LightningDataModule):
             records, self.load_processor(), h.video_folder, h.subtitles_folder, h.stage, self.sampling,
             h.draw_timestamps, h.draw_subtitles, h.system_prompt,
             h.max_seq_length if h.stage == "sft" else h.max_prompt_length, h.on_bad_sample, h.seed,
-            h.cache_samples,
+            h.cache_samples, self.keep_frames,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -157,6 +159,7 @@ class VideoDataModule(LightningDataModule):
         h = self.hparams
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self.train_dataset.keep_frames = self.keep_frames  # the model's setup may have asked for them since
         sampler = ResumableSampler(len(self.train_dataset), h.shuffle, h.seed, world, rank, h.ranks_per_group)
         if trainer is not None:  # a resumed run starts its epoch after the batches the checkpoint consumed
             # `processed`, not `completed`: a checkpoint taken in on_train_batch_end (ModelCheckpoint's

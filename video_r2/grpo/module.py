@@ -120,6 +120,9 @@ class GRPOModule(StageModule):
         rank = self.global_rank if self._trainer is not None else 0
         self.groups = RankGroups(self.rollout_args.ranks_per_group, world, rank)
         self._share_prompts_in_groups()
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self.rollout_args.rollout_engine == "vllm" and hasattr(data, "keep_frames"):
+            data.keep_frames = True  # the engine is fed the frames the data pipeline drew
         if self.rollout_args.seed is None:
             self.rollout_args.seed = torch.initial_seed()  # seed_everything's seed, the same on every rank
 
