@@ -181,6 +181,28 @@ def test_make_demo_is_deterministic(tmp_path):
     assert _digest(a / "model/model.safetensors") != _digest(c / "model/model.safetensors")
 
 
+def test_make_demo_writes_the_same_videos_in_every_process(tmp_path):
+    """Two `video-r2 make-demo` processes decode to the same pixels (lossy x264 did not: up to 30 levels off in
+    most files, so a demo trained on other data each run)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torchcodec.decoders import VideoDecoder
+
+    cli = str(Path(sys.executable).parent / "video-r2")
+    sizes = ["--num_sft_videos", "6", "--num_grpo_videos", "2", "--num_eval_videos", "2", "--text_hidden", "64"]
+    runs = [subprocess.Popen([cli, "make-demo", "--out", str(tmp_path / name), *sizes], stdout=subprocess.DEVNULL)
+            for name in ("a", "b")]  # side by side, as under load
+    assert [p.wait(timeout=300) for p in runs] == [0, 0]
+    videos = sorted((tmp_path / "a" / "data" / "videos").glob("*.mp4"))
+    assert len(videos) == 10
+    for video in videos:
+        twin = tmp_path / "b" / "data" / "videos" / video.name
+        a, b = (VideoDecoder(str(v)).get_frames_in_range(0, 64).data for v in (video, twin))
+        assert torch.equal(a, b), video.name
+
+
 def test_make_demo_refuses_non_empty_output(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("user data")

@@ -382,7 +382,8 @@ class GRPOModule(StageModule):
         """`<log_dir>/completions/step-N.json` (`step-N.rankR.json` on several ranks): the logged step's
         completions, rewards and TAR's reasons, in `video-r2 evaluate`'s layout: `video-r2 inspect FILE` shows
         why TAR scored each one."""
-        log_dir = self.trainer.log_dir if self._trainer is not None else None
+        # Beside the run's other logs; a run without a logger keeps no completion logs either.
+        log_dir = self.trainer.log_dir if self._trainer is not None and self.logger is not None else None
         if not log_dir:
             return
         g = self.rollout_args.local_generations
