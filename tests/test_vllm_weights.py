@@ -64,6 +64,17 @@ def test_logp_gap_counts_only_masked_tokens():
     assert gap["vllm/logp_gap_mean"] == pytest.approx(0.4 / 3)
 
 
+def _on_two_ranks(worker, tiny_demo, tmp_path) -> None:
+    """Run `worker(rank, 2, port, model path, out)` on two gloo ranks; rank 0 writes "ok" when it passed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ok"
+    mp.start_processes(worker, args=(2, port, str(tiny_demo / "model"), str(out)), nprocs=2,
+                       start_method="spawn", join=True)
+    assert out.read_text() == "ok"
+
+
 # ---- FSDP2: every rank gathers one layer at a time and gets the whole model's tensors ----------------------
 
 
@@ -96,13 +107,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, path: str, out: str) -> None
 
 
 def test_hf_weights_under_fsdp2_gather_layer_by_layer(tiny_demo, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = tmp_path / "ok"
-    mp.start_processes(_fsdp2_worker, args=(2, port, str(tiny_demo / "model"), str(out)), nprocs=2,
-                       start_method="spawn", join=True)
-    assert out.read_text() == "ok"
+    _on_two_ranks(_fsdp2_worker, tiny_demo, tmp_path)
 
 
 # ---- FSDP1: each unit unsharded on its own, as Lightning's FSDPStrategy wraps the LightningModule -------------
@@ -153,10 +158,4 @@ def _fsdp1_worker(rank: int, world: int, port: int, path: str, out: str) -> None
 
 
 def test_hf_weights_under_fsdp1_unshard_one_unit_at_a_time(tiny_demo, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = tmp_path / "ok"
-    mp.start_processes(_fsdp1_worker, args=(2, port, str(tiny_demo / "model"), str(out)), nprocs=2,
-                       start_method="spawn", join=True)
-    assert out.read_text() == "ok"
+    _on_two_ranks(_fsdp1_worker, tiny_demo, tmp_path)

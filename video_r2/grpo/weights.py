@@ -15,6 +15,7 @@ Both gathers are collectives: every rank must iterate the same chunks in the sam
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -150,18 +151,10 @@ def _fsdp1_chunks(model: torch.nn.Module, root: torch.nn.Module | None,
     for unit, top, prefix in units:
         # The unit's own parameters only (read inside the context: they are full views there); the nested
         # units stay sharded until their turn.
-        with FSDP.summon_full_params(unit, recurse=False, writeback=False) if unit is not None else _nothing():
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False) if unit is not None else nullcontext():
             named = list(_own_parameters(top, prefix))
             for chunk in _chunks(named, modules, trainable_only, gather=lambda t: t):
                 yield [(name, tensor.clone()) for name, tensor in chunk]  # a copy: the full view is freed on exit
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["hf_weights"]
