@@ -209,3 +209,28 @@ def test_make_demo_refuses_non_empty_output(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         make_demo(tmp_path / "x", num_sft_videos=1, num_grpo_videos=1, num_eval_videos=1)
     assert (tmp_path / "x" / "keep.txt").exists()
+
+
+def test_sweep_clock_gives_every_second_its_own_place_below_the_drawn_text():
+    """The tiny vision tower reads the time from the clock: the drawn HH:MM:SS is clipped on 56 px frames.
+    Each second's dot sits further right than the last, and neither the drawn time nor a subtitle covers it."""
+    from video_r2.overlay import overlay_frames
+    from video_r2.synthetic import Segment, render_video
+
+    frames = render_video([Segment(0, 5, 0), Segment(5, 8, 2)], size=56, frame_rate=8, clock="sweep")
+    seconds = frames[::8]  # one frame at the start of each second
+    drawn = overlay_frames(seconds, [float(t) for t in range(8)], cues=[(0.0, 8.0, "a long subtitle shown all along")])
+    dot = 56 // 14
+    places = []
+    for plain, overlaid in zip(seconds, drawn):
+        white = (plain[:, -dot:] == 255).all(dim=0).all(dim=0).nonzero().flatten()
+        assert len(white) == dot  # one dot, dot pixels wide
+        assert torch.equal(plain[:, -dot:], overlaid[:, -dot:])  # the overlays leave the clock alone
+        places.append(white[0].item())
+    assert places == sorted(set(places)) and places[0] == 0 and places[-1] > 40
+
+    bar = render_video([Segment(0, 4, 0), Segment(4, 8, 1)], size=56, frame_rate=8, clock="bar")
+    lengths = [(f[:, -1] == 255).all(dim=0).sum().item() for f in bar]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1] == 56  # full in the last frame
+    with pytest.raises(ValueError, match="clock must be one of"):
+        render_video([Segment(0, 4, 0), Segment(4, 8, 1)], size=56, frame_rate=8, clock="sundial")

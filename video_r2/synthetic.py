@@ -8,7 +8,8 @@
                  videos/*.mp4 (H.264), subtitles/*.srt (for every other video)
 
 The task makes *when* matter. Each video is a few segments; in each one a coloured shape fills the screen
-(red circle, green square, blue triangle, yellow star) while a small white dot moves along the bottom edge.
+(red circle, green square, blue triangle, yellow star) while a small white dot crosses the bottom edge once
+over the video, a clock the tiny vision tower can read.
 Questions ask which shape fills the screen at a given second (multiple choice) or at which second a shape
 first appears (numeric). The second asked about is drawn uniformly over the video, so answering with the
 shape that fills most of the video (the task's shortcut) is right about 2 times in 3 and reading the time is
@@ -124,9 +125,19 @@ def _shape_image(event: int, size: int) -> Image.Image:
     return image
 
 
-def render_video(segments: list[Segment], size: int, frame_rate: int, time_bar: bool = False) -> torch.Tensor:
-    """uint8 [T, 3, size, size]: each segment's shape, and a clock: with `time_bar`, a white bar down the
-    right edge whose length grows with the time (full at the end); else a dot sweeping the bottom edge every 2 s."""
+CLOCKS = ("sweep", "bar")
+
+
+def render_video(segments: list[Segment], size: int, frame_rate: int, clock: str = "sweep") -> torch.Tensor:
+    """uint8 [T, 3, size, size]: each segment's shape, and a clock the vision tower can read.
+
+    The drawn HH:MM:SS does not fit a small frame (its font is at least 16 px, so on 56 px only "00:00:"
+    shows), and the subtitle box covers the middle rows, so the clock lives in the bottom rows, below both:
+    "sweep", a white dot that crosses the frame once over the video (each second has its own position);
+    "bar", a white bar along the bottom edge whose length grows with the time.
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     duration = segments[-1].end
     shapes = {s.event: np.asarray(_shape_image(s.event, size)) for s in segments}
     frames = []
@@ -135,11 +146,11 @@ def render_video(segments: list[Segment], size: int, frame_rate: int, time_bar: 
         t = i / frame_rate
         segment = next(s for s in segments if s.start <= t < s.end)
         frame = shapes[segment.event].copy()
-        if time_bar:  # the drawn MM:SS is too small for a tiny vision tower to read; a bar's length is not
-            frame[: max(1, round((t + 1 / frame_rate) / duration * size)), size - dot:] = 255
-        else:
-            x = int((t % 2.0) / 2.0 * (size - dot))
+        if clock == "sweep":
+            x = round(t / duration * (size - dot))
             frame[size - dot:, x:x + dot] = 255
+        else:
+            frame[size - dot:, : max(1, round((t + 1 / frame_rate) / duration * size))] = 255
         frames.append(frame)
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
@@ -358,7 +369,7 @@ def make_demo(
     size: int = 56,
     frame_rate: int = 8,
     segments_per_video: int = 2,
-    time_bar: bool = False,
+    clock: str = "sweep",
     numeric_fraction: float = 0.2,
     grounded_fraction: float = 0.4,
     wrong_time_fraction: float = 0.0,
@@ -385,10 +396,9 @@ def make_demo(
         size: frame side in pixels (a multiple of 28 keeps frames unresized).
         frame_rate: frames per second of the encoded videos.
         segments_per_video: shapes shown one after another in each video (2 to 4).
-        time_bar: draw a white bar down the right edge that grows with the time, a clock a tiny vision tower
-            can read (the drawn MM:SS is a few pixels high), instead of a dot sweeping the bottom edge every
-            2 s. Off: measured with seed 0 it did not make SFT learn the timing sooner (held-out accuracy
-            0.708 after 2,500 steps, the shortcut's).
+        clock: how each frame shows its time, in the bottom rows (the drawn HH:MM:SS is clipped on small
+            frames and the subtitle box covers the middle): "sweep", a dot crossing the frame once over the
+            video, or "bar", a bar along the bottom edge that grows with the time.
         numeric_fraction: share of questions answered with a number rather than an option letter.
         grounded_fraction: share of SFT answers whose reasoning cites the moment ("At 00:05 a ..."); the
             others reason without any time (or cite a wrong second, see below). About half and half, so
@@ -435,7 +445,7 @@ def make_demo(
         for i in range(count):
             name = f"{split}_{i:04d}.mp4"
             segments = random_segments(rng, duration, segments_per_video)
-            write_video(videos_dir / name, render_video(segments, size, frame_rate, time_bar), frame_rate)
+            write_video(videos_dir / name, render_video(segments, size, frame_rate, clock), frame_rate)
             if i % 2 == 0:  # subtitles for every other video, matched by stem as in the original layout
                 write_srt(subs_dir / f"{Path(name).stem}.srt", segments)
             per_video = sft_questions_per_video if split == "sft" else 1
