@@ -229,8 +229,11 @@ def test_sweep_clock_gives_every_second_its_own_place_below_the_drawn_text():
         places.append(white[0].item())
     assert places == sorted(set(places)) and places[0] == 0 and places[-1] > 40
 
+    default = render_video([Segment(0, 5, 0), Segment(5, 8, 2)], size=56, frame_rate=8)  # "dot": every 2 s
+    assert torch.equal(default[0], default[16]) and not torch.equal(default[0], default[4])
+
     bar = render_video([Segment(0, 4, 0), Segment(4, 8, 1)], size=56, frame_rate=8, clock="bar")
-    lengths = [(f[:, -1] == 255).all(dim=0).sum().item() for f in bar]
+    lengths = [(f[:, :, -1] == 255).all(dim=0).sum().item() for f in bar]
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1] == 56  # full in the last frame
     with pytest.raises(ValueError, match="clock must be one of"):
         render_video([Segment(0, 4, 0), Segment(4, 8, 1)], size=56, frame_rate=8, clock="sundial")

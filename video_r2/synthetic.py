@@ -8,8 +8,7 @@
                  videos/*.mp4 (H.264), subtitles/*.srt (for every other video)
 
 The task makes *when* matter. Each video is a few segments; in each one a coloured shape fills the screen
-(red circle, green square, blue triangle, yellow star) while a small white dot crosses the bottom edge once
-over the video, a clock the tiny vision tower can read.
+(red circle, green square, blue triangle, yellow star) while a small white dot moves along the bottom edge.
 Questions ask which shape fills the screen at a given second (multiple choice) or at which second a shape
 first appears (numeric). The second asked about is drawn uniformly over the video, so answering with the
 shape that fills most of the video (the task's shortcut) is right about 2 times in 3 and reading the time is
@@ -125,16 +124,16 @@ def _shape_image(event: int, size: int) -> Image.Image:
     return image
 
 
-CLOCKS = ("sweep", "bar")
+CLOCKS = ("dot", "sweep", "bar")
 
 
-def render_video(segments: list[Segment], size: int, frame_rate: int, clock: str = "sweep") -> torch.Tensor:
-    """uint8 [T, 3, size, size]: each segment's shape, and a clock the vision tower can read.
+def render_video(segments: list[Segment], size: int, frame_rate: int, clock: str = "dot") -> torch.Tensor:
+    """uint8 [T, 3, size, size]: each segment's shape, and a clock in the bottom rows.
 
     The drawn HH:MM:SS does not fit a small frame (its font is at least 16 px, so on 56 px only "00:00:"
-    shows), and the subtitle box covers the middle rows, so the clock lives in the bottom rows, below both:
-    "sweep", a white dot that crosses the frame once over the video (each second has its own position);
-    "bar", a white bar along the bottom edge whose length grows with the time.
+    shows) and the subtitle box covers the middle rows; the bottom rows stay clear of both. "dot": a white
+    dot sweeping the bottom edge every 2 s (the demo's); "sweep": a dot crossing it once over the video, so
+    each second has its own position; "bar": a bar down the right edge whose length grows with the time.
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
@@ -146,11 +145,14 @@ def render_video(segments: list[Segment], size: int, frame_rate: int, clock: str
         t = i / frame_rate
         segment = next(s for s in segments if s.start <= t < s.end)
         frame = shapes[segment.event].copy()
-        if clock == "sweep":
+        if clock == "dot":
+            x = int((t % 2.0) / 2.0 * (size - dot))
+            frame[size - dot:, x:x + dot] = 255
+        elif clock == "sweep":
             x = round(t / duration * (size - dot))
             frame[size - dot:, x:x + dot] = 255
-        else:
-            frame[size - dot:, : max(1, round((t + 1 / frame_rate) / duration * size))] = 255
+        else:  # grows downwards, full at the end
+            frame[: max(1, round((t + 1 / frame_rate) / duration * size)), size - dot:] = 255
         frames.append(frame)
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
@@ -369,7 +371,7 @@ def make_demo(
     size: int = 56,
     frame_rate: int = 8,
     segments_per_video: int = 2,
-    clock: str = "sweep",
+    clock: str = "dot",
     numeric_fraction: float = 0.2,
     grounded_fraction: float = 0.4,
     wrong_time_fraction: float = 0.0,
@@ -396,9 +398,13 @@ def make_demo(
         size: frame side in pixels (a multiple of 28 keeps frames unresized).
         frame_rate: frames per second of the encoded videos.
         segments_per_video: shapes shown one after another in each video (2 to 4).
-        clock: how each frame shows its time, in the bottom rows (the drawn HH:MM:SS is clipped on small
-            frames and the subtitle box covers the middle): "sweep", a dot crossing the frame once over the
-            video, or "bar", a bar along the bottom edge that grows with the time.
+        clock: how each frame shows its time, in the bottom rows (the drawn HH:MM:SS is clipped to "00:00:"
+            on 56 px frames and the subtitle box covers the middle): "dot", a dot sweeping the bottom edge
+            every 2 s; "sweep", a dot crossing it once over the video (every second its own position);
+            "bar", a bar down the right edge that grows with the time. "dot" is the default because it
+            measured best for the ablation: with "sweep" (seeds 0, 1, 2) SFT still stayed below the
+            shortcut (held-out 0.500, 0.542, 0.667 against 0.708, 0.604, 0.708) and the TAR effect was
+            lost in seed 2; "bar" gave seed 0 the shortcut's 0.708 after 2,500 steps.
         numeric_fraction: share of questions answered with a number rather than an option letter.
         grounded_fraction: share of SFT answers whose reasoning cites the moment ("At 00:05 a ..."); the
             others reason without any time (or cite a wrong second, see below). About half and half, so
