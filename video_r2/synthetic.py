@@ -398,7 +398,7 @@ def make_demo(
         size: frame side in pixels (a multiple of 28 keeps frames unresized).
         frame_rate: frames per second of the encoded videos.
         segments_per_video: shapes shown one after another in each video (2 to 4).
-        clock: how each frame shows its time, in the bottom rows (the drawn HH:MM:SS is clipped to "00:00:"
+        clock: how each frame shows its time to the vision tower (the drawn HH:MM:SS is clipped to "00:00:"
             on 56 px frames and the subtitle box covers the middle): "dot", a dot sweeping the bottom edge
             every 2 s; "sweep", a dot crossing it once over the video (every second its own position);
             "bar", a bar down the right edge that grows with the time. "dot" is the default because it
