@@ -237,3 +237,13 @@ def test_sweep_clock_gives_every_second_its_own_place_below_the_drawn_text():
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1] == 56  # full in the last frame
     with pytest.raises(ValueError, match="clock must be one of"):
         render_video([Segment(0, 4, 0), Segment(4, 8, 1)], size=56, frame_rate=8, clock="sundial")
+
+
+@pytest.mark.parametrize("bad", [{"clock": "sundial"}, {"grounded_fraction": 0.8, "wrong_time_fraction": 0.5}])
+def test_make_demo_checks_its_options_before_replacing_a_folder(tmp_path, bad):
+    """With overwrite the output folder is deleted: a bad option must fail first and leave it as it was."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError):
+        make_demo(tmp_path / "x", num_sft_videos=1, num_grpo_videos=1, num_eval_videos=1, overwrite=True, **bad)
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"

@@ -128,7 +128,7 @@ CLOCKS = ("dot", "sweep", "bar")
 
 
 def render_video(segments: list[Segment], size: int, frame_rate: int, clock: str = "dot") -> torch.Tensor:
-    """uint8 [T, 3, size, size]: each segment's shape, and a clock in the bottom rows.
+    """uint8 [T, 3, size, size]: each segment's shape, and a clock the vision tower can see.
 
     The drawn HH:MM:SS does not fit a small frame (its font is at least 16 px, so on 56 px only "00:00:"
     shows) and the subtitle box covers the middle rows; the bottom rows stay clear of both. "dot": a white
@@ -145,14 +145,11 @@ def render_video(segments: list[Segment], size: int, frame_rate: int, clock: str
         t = i / frame_rate
         segment = next(s for s in segments if s.start <= t < s.end)
         frame = shapes[segment.event].copy()
-        if clock == "dot":
-            x = int((t % 2.0) / 2.0 * (size - dot))
-            frame[size - dot:, x:x + dot] = 255
-        elif clock == "sweep":
-            x = round(t / duration * (size - dot))
-            frame[size - dot:, x:x + dot] = 255
-        else:  # grows downwards, full at the end
+        if clock == "bar":  # grows downwards, full at the end
             frame[: max(1, round((t + 1 / frame_rate) / duration * size)), size - dot:] = 255
+        else:
+            x = int((t % 2.0) / 2.0 * (size - dot)) if clock == "dot" else round(t / duration * (size - dot))
+            frame[size - dot:, x:x + dot] = 255
         frames.append(frame)
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
@@ -426,6 +423,12 @@ def make_demo(
         raise ValueError(f"segments_per_video must be 2..{len(EVENTS)}, got {segments_per_video}")
     if duration < 2 * segments_per_video:
         raise ValueError(f"duration {duration}s is too short for {segments_per_video} segments of >= 2 s")
+    if not (0 <= grounded_fraction and 0 <= wrong_time_fraction and grounded_fraction + wrong_time_fraction <= 1):
+        raise ValueError(f"grounded_fraction {grounded_fraction} + wrong_time_fraction {wrong_time_fraction} must be "
+                         "in [0, 1]")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    # Every argument is checked above this line: with overwrite the folder is deleted next.
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; pass --overwrite true to replace it")
@@ -434,9 +437,6 @@ def make_demo(
     videos_dir.mkdir(parents=True)
     subs_dir.mkdir(parents=True)
 
-    if not (0 <= grounded_fraction and 0 <= wrong_time_fraction and grounded_fraction + wrong_time_fraction <= 1):
-        raise ValueError(f"grounded_fraction {grounded_fraction} + wrong_time_fraction {wrong_time_fraction} must be "
-                         "in [0, 1]")
     rng = random.Random(seed)
     # Styles come from their own stream, so the videos and questions of a seed do not depend on the mix.
     style_rng = random.Random(f"{seed}-styles")
