@@ -247,3 +247,32 @@ def test_make_demo_checks_its_options_before_replacing_a_folder(tmp_path, bad):
     with pytest.raises(ValueError):
         make_demo(tmp_path / "x", num_sft_videos=1, num_grpo_videos=1, num_eval_videos=1, overwrite=True, **bad)
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_time_gets_rope_frequencies_slow_enough_to_tell_every_second_apart(tiny_demo, tmp_path):
+    """M-RoPE gives time the fastest rotary frequencies. The demo model (32-dim heads, 8 positions per second,
+    8 s clips) gives it half the pairs, so its slowest temporal frequency turns less than half a circle over a
+    clip: each second has its own phase. Qwen's quarter share would wrap around within the clip."""
+    from transformers import AutoTokenizer
+
+    from video_r2.synthetic import build_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_demo / "model")
+    model = build_model(tokenizer, text_hidden=128, text_layers=1, vision_hidden=32, vision_depth=1)
+    text = model.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    section = text.rope_parameters["mrope_section"]
+    assert sum(section) == head_dim // 2 and section == [8, 4, 4]
+    clip_positions = model.config.vision_config.tokens_per_second * 7  # first to last 1 s grid of an 8 s clip
+
+    def slowest_turn(temporal_pairs: int) -> float:  # radians the slowest temporal frequency turns over a clip
+        theta = text.rope_parameters["rope_theta"]
+        return theta ** (-2 * (temporal_pairs - 1) / head_dim) * clip_positions
+
+    assert slowest_turn(section[0]) < 3.1416 < slowest_turn(4)  # 4 pairs: Qwen's quarter share
+    # A share that leaves no room for height and width is refused before --overwrite deletes anything.
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "old.txt").write_text("old run")
+    with pytest.raises(ValueError, match="temporal_rope_pairs"):
+        make_demo(tmp_path / "keep", temporal_rope_pairs=15, overwrite=True)
+    assert (tmp_path / "keep" / "old.txt").read_text() == "old run"
