@@ -299,7 +299,8 @@ def build_model(tokenizer, text_hidden: int, text_layers: int, vision_hidden: in
     frequencies that wrap around within the 8 s clip (the slowest turns 11 rad over its 64 positions), so no head
     can tell second 1 from second 5 by position. With 8 pairs the slowest turns ~1 rad over the clip, and the
     demo's SFT reads the time: held-out accuracy 0.896 and 0.646 (seeds 0, 1) against the shortcut's 0.708 and
-    0.604, where Qwen's share gave 0.604 on the same machine for seed 0 (README, "Why SFT now reads the time"; seed 2 stays below it)."""
+    0.604, where Qwen's share gave 0.604 on the same machine for seed 0; seed 2 stays below its shortcut
+    (README, "Why SFT now reads the time")."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     heads = 4
