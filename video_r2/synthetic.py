@@ -289,6 +289,20 @@ def build_processor(tokenizer):
     )
 
 
+TEXT_HEADS = 4  # attention heads of the demo's language model
+
+
+def mrope_section(text_hidden: int, temporal_rope_pairs: int | None = None) -> list[int]:
+    """M-RoPE's split of each head's rotary pairs (head_dim / 2) into time, height and width: `temporal_rope_pairs`
+    for time (default half, see `build_model`), the rest shared by height and width. Raises on a share that
+    leaves either of them nothing."""
+    half = text_hidden // TEXT_HEADS // 2
+    temporal = half // 2 if temporal_rope_pairs is None else temporal_rope_pairs
+    if not 1 <= temporal <= half - 2:
+        raise ValueError(f"temporal_rope_pairs must be in 1..{half - 2} for text_hidden {text_hidden}, got {temporal}")
+    return [temporal, (half - temporal) // 2, half - temporal - (half - temporal) // 2]
+
+
 def build_model(tokenizer, text_hidden: int, text_layers: int, vision_hidden: int, vision_depth: int,
                 tokens_per_second: int = 8, temporal_rope_pairs: int | None = None):
     """A randomly initialised Qwen2.5-VL whose special-token ids match `tokenizer`.
@@ -303,14 +317,7 @@ def build_model(tokenizer, text_hidden: int, text_layers: int, vision_hidden: in
     (README, "Why SFT now reads the time")."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    heads = 4
-    head_dim = text_hidden // heads
-    # mrope splits each head's rotary half (head_dim / 2) into temporal, height and width parts.
-    half = head_dim // 2
-    temporal = half // 2 if temporal_rope_pairs is None else temporal_rope_pairs
-    if not 1 <= temporal <= half - 2:
-        raise ValueError(f"temporal_rope_pairs must be in 1..{half - 2} for head dim {head_dim}, got {temporal}")
-    mrope_section = [temporal, (half - temporal) // 2, half - temporal - (half - temporal) // 2]
+    section = mrope_section(text_hidden, temporal_rope_pairs)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
         text_config={
@@ -318,10 +325,10 @@ def build_model(tokenizer, text_hidden: int, text_layers: int, vision_hidden: in
             "hidden_size": text_hidden,
             "intermediate_size": 2 * text_hidden,
             "num_hidden_layers": text_layers,
-            "num_attention_heads": heads,
+            "num_attention_heads": TEXT_HEADS,
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
@@ -442,10 +449,7 @@ def make_demo(
                          "in [0, 1]")
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    half = text_hidden // 4 // 2  # rotary pairs per head (4 heads)
-    if temporal_rope_pairs is not None and not 1 <= temporal_rope_pairs <= half - 2:
-        raise ValueError(f"temporal_rope_pairs must be in 1..{half - 2} for text_hidden {text_hidden}, "
-                         f"got {temporal_rope_pairs}")
+    mrope_section(text_hidden, temporal_rope_pairs)  # raises on a share that leaves height or width nothing
     # Every argument is checked above this line: with overwrite the folder is deleted next.
     if out.exists() and any(out.iterdir()):
         if not overwrite:
