@@ -11,7 +11,7 @@ recipe's (tiny random Qwen2.5-VL, synthetic timestamped videos, CPU):
     video-r2 fit --config configs/demo/grpo.yaml ... --model.init_args.rewards.funcs '[accuracy, format]'
     video-r2 evaluate ...   (base, SFT and both GRPO models on the held-out videos)
     video-r2 inspect demo/eval-grpo.json ; video-r2 inspect demo/eval-grpo_no_tar.json
-    video-r2 inspect runs/demo-grpo/completions/step-000040.json   (the last logged training step)
+    video-r2 inspect runs/demo-grpo/completions/step-000080.json   (the last logged training step)
     video-r2 plot runs/demo-sft ; video-r2 plot runs/demo-grpo ; video-r2 plot runs/demo-grpo-no-tar
 
 The SFT answers reason in two styles (one cites the moment, one does not, both right), so the SFT model
